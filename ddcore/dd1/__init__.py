@@ -1,0 +1,1 @@
+"""DD1: AR flow matching, trajectory data, the distilled student, few-step sampling."""

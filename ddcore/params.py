@@ -1,0 +1,223 @@
+"""Experiment parameters: ``params.yaml`` presets, validated before any work starts.
+
+A preset is one complete experiment (teacher, sampling, DD1 data/student/training, evaluation,
+benchmark, promotion gate). Bad values fail here with the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddcore.settings import PROJECT_ROOT
+
+PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+KNOWN_TEACHERS = (
+    "tiny",
+    "micro",
+    "tiny-var",
+    "micro-var",
+    "llamagen-b",
+    "llamagen-l",
+    "llamagen-b-384",
+    "llamagen-l-384",
+    "llamagen-xl-384",
+    "llamagen-xxl-384",
+    "llamagen-3b-384",
+    "var-d16",
+    "var-d20",
+    "var-d24",
+    "var-d30",
+)
+
+Prob = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingParams(Strict):
+    """How the teacher samples: p = softmax(top_p(top_k(guided_logits / temperature)))."""
+
+    cfg_scale: float = Field(default=1.0, ge=0.0)
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_k: int = Field(default=0, ge=0, description="0 = off")
+    top_p: Prob = Field(default=1.0, description="1.0 = off")
+    cfg_interval: int = Field(default=-1, ge=-1, description="-1 = guide every step")
+
+
+class TinyWorldParams(Strict):
+    """The offline tiny world: procedural data, a tiny VQ, a tiny GPT, an evaluator."""
+
+    image_size: int = Field(default=32, ge=8)
+    num_classes: int = Field(default=10, ge=2)
+    train_images: int = Field(default=20000, ge=100)
+    seed: int = 0
+    vq_codebook_size: int = Field(default=512, ge=16)
+    vq_codebook_dim: int = Field(default=8, ge=2)
+    vq_ch: int = Field(default=32, ge=8)
+    vq_ch_mult: list[int] = [1, 2, 2]
+    vq_z_channels: int = Field(default=64, ge=8)
+    vq_steps: int = Field(default=1500, ge=1)
+    vq_batch_size: int = Field(default=64, ge=1)
+    vq_lr: float = Field(default=1e-3, gt=0)
+    gpt_dim: int = Field(default=192, ge=16)
+    gpt_layers: int = Field(default=4, ge=1)
+    gpt_heads: int = Field(default=4, ge=1)
+    gpt_steps: int = Field(default=2500, ge=1)
+    gpt_batch_size: int = Field(default=128, ge=1)
+    gpt_lr: float = Field(default=1e-3, gt=0)
+    class_dropout_prob: float = Field(default=0.1, ge=0.0, lt=1.0)
+    evaluator_steps: int = Field(default=800, ge=1)
+    evaluator_batch_size: int = Field(default=128, ge=1)
+
+
+class TeacherParams(Strict):
+    name: str = Field(description=f"one of {', '.join(KNOWN_TEACHERS)}")
+    source: str | None = Field(default=None, description="override: local path, s3://..., hf://repo/file")
+    vq_source: str | None = None
+    sampling: SamplingParams = SamplingParams()
+    world: TinyWorldParams | None = None
+
+    @model_validator(mode="after")
+    def _check_name(self) -> TeacherParams:
+        if self.name not in KNOWN_TEACHERS:
+            raise ValueError(f"unknown teacher {self.name!r}; allowed: {', '.join(KNOWN_TEACHERS)}")
+        return self
+
+
+class FlowParams(Strict):
+    """The deterministic noise -> token ODE (see docs/dd1.md)."""
+
+    steps: int = Field(default=64, ge=1)
+    solver: Literal["euler", "heun"] = "heun"
+    r_min: float = Field(default=1e-2, gt=0)
+    r_max: float = Field(default=1e3, gt=0)
+    dtype: Literal["float32", "float64"] = "float64"
+
+
+class TrajectoryParams(Strict):
+    num_pairs: int = Field(default=20000, ge=1)
+    shard_size: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    seed: int = 0
+
+
+class StudentParams(Strict):
+    t_list: list[int] = Field(default=[0, 32], description="data-token counts the student trains from")
+    split_t: int = Field(default=64, ge=0, description="positions >= split_t decode continuous outputs")
+
+
+class TrainParams(Strict):
+    steps: int = Field(default=3000, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    ce_weight: float = Field(default=1.0, ge=0)
+    mse_weight: float = Field(default=1.0, ge=0)
+    lpips_weight: float = Field(default=0.0, ge=0)
+    val_pairs: int = Field(default=256, ge=0)
+    val_every: int = Field(default=100, ge=1)
+    ckpt_every: int = Field(default=500, ge=1)
+    seed: int = 0
+
+
+class EvalParams(Strict):
+    num_samples: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=250, ge=1)
+    seed: int = 12345
+    reference: str = Field(default="world", description="'world' (tiny evaluator) or an npz / stats path")
+    samplers: list[str] = ["teacher", "dd1-1step", "dd1-2step", "onestep-baseline"]
+
+
+class BenchParams(Strict):
+    throughput_batch: int = Field(default=64, ge=1)
+    repeats: int = Field(default=5, ge=1)
+    warmup: int = Field(default=1, ge=0)
+    cases: list[str] = ["world"]
+
+
+class PromoteParams(Strict):
+    """Gate: a challenger becomes champion only if it is better on FID at no worse speed."""
+
+    max_fid_ratio: float = Field(default=1.0, gt=0, description="challenger FID <= ratio x champion FID")
+    max_latency_ratio: float = Field(default=1.10, gt=0, description="challenger s/img <= ratio x champion")
+
+
+class Preset(Strict):
+    family: Literal["llamagen", "var"]
+    teacher: TeacherParams
+    flow: FlowParams = FlowParams()
+    trajectories: TrajectoryParams = TrajectoryParams()
+    student: StudentParams = StudentParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    bench: BenchParams = BenchParams()
+    promote: PromoteParams = PromoteParams()
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, phrased with the key path and the allowed values."""
+
+
+def _format_errors(preset: str, err: ValidationError) -> str:
+    lines = [f"params.yaml: preset {preset!r} is invalid:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in ("presets", preset, *e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_presets(path: Path | str = PARAMS_FILE) -> dict:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if "presets" not in raw or not isinstance(raw["presets"], dict):
+        raise ParamsError(f"{path}: top-level key 'presets' (a mapping of preset name -> preset) is missing")
+    return raw["presets"]
+
+
+def load_preset(name: str, path: Path | str = PARAMS_FILE, overrides: dict | None = None) -> Preset:
+    presets = load_presets(path)
+    if name not in presets:
+        raise ParamsError(f"unknown preset {name!r}; allowed: {', '.join(sorted(presets))}")
+    data = presets[name]
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        return Preset.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(name, err)) from None
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``train.lr=1e-4`` -> {"train": {"lr": 1e-4}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r} must look like key.path=value")
+    key, value = text.split("=", 1)
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,1 @@
+"""AR teachers behind one family-agnostic interface (see base.Teacher)."""

@@ -1,0 +1,138 @@
+"""The family-agnostic teacher interface.
+
+An image AR teacher is, for distillation purposes, two things:
+  1. given a class label and a data prefix, the probability vectors of the next position(s);
+  2. a decoder from token indices (or continuous token vectors) to images.
+LlamaGen produces one position per step (256 steps); VAR produces a whole scale per step
+(1, 4, 9, ... positions). `step_sizes` says how many positions each AR step emits, and every
+method below speaks in flattened positions 0..seq_len-1, so DD code never needs to know which
+family it distils.
+
+Sampling is written once, here: `generate` walks the AR steps and asks a TokenChooser to turn
+each step's probability vectors plus that step's noise into indices. The multinomial chooser is
+the teacher's own sampler; the DD1 flow chooser replaces only that draw.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ddcore.params import SamplingParams
+from ddcore.sampling import MultinomialChooser, TokenChooser, sample_noise
+
+
+class StepState(ABC):
+    """Family-specific incremental decoding state (e.g. a KV cache). Opaque to shared code."""
+
+
+class Teacher(ABC):
+    family: str
+    num_classes: int
+    image_size: int
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def step_sizes(self) -> list[int]:
+        """Positions emitted by each AR step (sum = seq_len)."""
+
+    @property
+    def seq_len(self) -> int:
+        return sum(self.step_sizes)
+
+    @property
+    def step_starts(self) -> list[int]:
+        out, acc = [], 0
+        for n in self.step_sizes:
+            out.append(acc)
+            acc += n
+        return out
+
+    @property
+    @abstractmethod
+    def codebook(self) -> Tensor:
+        """(V, d) token embeddings in the space the flow map works in."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook.shape[0]
+
+    @property
+    def token_dim(self) -> int:
+        return self.codebook.shape[1]
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    # --- AR stepping ------------------------------------------------------------------------
+    @abstractmethod
+    def start(self, labels: Tensor, params: SamplingParams) -> tuple[StepState, Tensor]:
+        """Begin generation; return the state and the probs (B, step_sizes[0], V) of step 0."""
+
+    @abstractmethod
+    def advance(self, state: StepState, step: int, tokens: Tensor, params: SamplingParams) -> Tensor:
+        """Feed the tokens chosen at `step` (B, step_sizes[step]); return probs of step+1."""
+
+    @abstractmethod
+    def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        """(B, seq_len, V): for every position, the sampling distribution given the true prefix."""
+
+    # --- decoding ---------------------------------------------------------------------------
+    @abstractmethod
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Token indices (B, seq_len) -> images in [0, 1], (B, 3, H, W), float32."""
+
+    @abstractmethod
+    def decode_vectors(self, vectors: Tensor) -> Tensor:
+        """Continuous token vectors (B, seq_len, d) in codebook space -> images in [0, 1]."""
+
+    # --- shared sampling --------------------------------------------------------------------
+    def noise(self, seeds: Sequence[int]) -> Tensor:
+        return sample_noise(seeds, self.seq_len, self.token_dim, self.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        params: SamplingParams,
+        noise: Tensor,
+        chooser: TokenChooser | None = None,
+        prefix: Tensor | None = None,
+        stop: int | None = None,
+    ) -> Tensor:
+        """Sample token indices (B, seq_len).
+
+        `prefix` (B, P) forces the first P positions (P must end on a step boundary) — used by
+        teacher-assisted DD sampling; generation runs until position `stop` (default: seq_len)
+        and positions after `stop` are returned as -1.
+        """
+        chooser = chooser or MultinomialChooser()
+        labels = labels.to(self.device)
+        noise = noise.to(self.device)
+        bsz = labels.shape[0]
+        stop = self.seq_len if stop is None else stop
+        out = torch.full((bsz, self.seq_len), -1, dtype=torch.long, device=self.device)
+        n_prefix = 0 if prefix is None else prefix.shape[1]
+        starts = self.step_starts
+        if n_prefix and n_prefix not in [*starts, self.seq_len]:
+            raise ValueError(f"prefix length {n_prefix} is not on a step boundary {starts}")
+        state, probs = self.start(labels, params)
+        for step, (s0, n) in enumerate(zip(starts, self.step_sizes, strict=True)):
+            if s0 >= stop:
+                break
+            if s0 < n_prefix:
+                tok = prefix[:, s0 : s0 + n].to(self.device).long()
+            else:
+                tok = chooser(probs, noise[:, s0 : s0 + n])
+            out[:, s0 : s0 + n] = tok
+            if step + 1 < len(self.step_sizes) and starts[step + 1] < stop:
+                probs = self.advance(state, step, tok, params)
+        return out
+
+    def sample(self, labels: Tensor, seeds: Sequence[int], params: SamplingParams, chooser=None) -> Tensor:
+        return self.generate(labels, params, self.noise(seeds), chooser)
