@@ -1,0 +1,341 @@
+"""Safe checkpoint I/O: published `.pt` files, our own safetensors + JSON, atomic writes.
+
+* Reading never unpickles arbitrary code: `.pt` files go through `torch.load(weights_only=True)`;
+  a file that pickles an `argparse.Namespace` (LlamaGen's train script saves `args`) is retried
+  with exactly that one class allow-listed.
+* Official dict layouts (`{"model": sd}`, `{"module": sd}`, `{"state_dict": sd}`, `{"ema": sd}`,
+  raw FSDP-consolidated) are unwrapped; non-parameter keys (`freqs_cis`, KV caches) are dropped;
+  then the state dict is loaded strictly, and a mismatch raises `CheckpointError` naming the
+  missing / unexpected / mis-shaped keys and, where it can tell, the config the file looks like.
+* Writes go to a temporary file in the target directory, are fsynced, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_path",
+    "load_model_config",
+    "load_safetensors_model",
+    "load_state_dict_file",
+    "load_strict",
+    "save_model",
+    "unwrap_state_dict",
+]
+
+DEFAULT_DROP = (r"freqs_cis", r"\.kv_cache\.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; on success fsync it and rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    return atomic_write_text(
+        path, json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n"
+    )
+
+
+def _json_default(o: Any):
+    if isinstance(o, tuple | set):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.dtype):
+        return str(o).removeprefix("torch.")
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+    size = path.stat().st_size if path.exists() else 0
+    return CheckpointError(
+        f"{path}: corrupt or truncated checkpoint ({size} bytes; {type(err).__name__}: {err}). "
+        "Delete it and download it again."
+    )
+
+
+def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a `.safetensors` file or a torch `.pt`/`.pth`/`.bin` file (weights_only) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as err:  # SafetensorError, OSError, ...
+            raise _corrupt(path, err) from err
+    return _torch_load(path, map_location)
+
+
+def _torch_load(path: Path, map_location) -> dict:
+    def load(**kw):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True, **kw)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # legacy (non-zip) serialisation cannot be memory-mapped
+            return torch.load(path, map_location=map_location, weights_only=True, **kw)
+
+    try:
+        try:
+            return load()
+        except pickle.UnpicklingError as first:
+            if "argparse.Namespace" not in str(first) and "Namespace" not in str(first):
+                raise CheckpointError(
+                    f"{path}: refused by torch.load(weights_only=True) (it pickles something other than "
+                    f"tensors and plain containers): {first}"
+                ) from first
+            # LlamaGen's training script stores `args` as an argparse.Namespace; allow exactly that.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return load()
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {err}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise _corrupt(path, err) from err
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and any(isinstance(v, Tensor) for v in obj.values())
+
+
+def _strip_common_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def unwrap_state_dict(
+    obj: Any, prefer: Iterable[str] = ("model", "module", "state_dict", "ema")
+) -> dict[str, Tensor]:
+    """Find the parameter dict inside an official checkpoint layout (or a raw state dict).
+
+    Checks the `prefer` keys in order (recursively, e.g. {"state_dict": {"model": ...}}), then a
+    raw dict of tensors. Non-tensor entries are dropped; a `module.` / `_orig_mod.` prefix shared
+    by every key (DDP / torch.compile) is removed.
+    """
+    prefer = tuple(prefer)
+    if isinstance(obj, Mapping):
+        for key in prefer:
+            if key in obj and isinstance(obj[key], Mapping):
+                return unwrap_state_dict(obj[key], prefer)
+        if _is_tensor_dict(obj):
+            sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+            return _strip_common_prefix(sd)
+        raise CheckpointError(
+            f"no state dict found: top-level keys {sorted(map(str, obj))[:20]}, expected one of {list(prefer)} "
+            "or a raw mapping of parameter names to tensors"
+        )
+    raise CheckpointError(f"no state dict found: checkpoint holds a {type(obj).__name__}, not a mapping")
+
+
+def _drop(sd: Mapping[str, Tensor], patterns: Iterable[str]) -> tuple[dict[str, Tensor], list[str]]:
+    regs = [re.compile(p) for p in patterns]
+    kept, dropped = {}, []
+    for k, v in sd.items():
+        if any(r.search(k) for r in regs):
+            dropped.append(k)
+        else:
+            kept[k] = v
+    return kept, dropped
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def suggest_llamagen(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]) -> list[str]:
+    """Hints for LlamaGen GPT / VQ state dicts: which config the file looks like."""
+    hints: list[str] = []
+    if "tok_embeddings.weight" in sd:
+        from ddcore.models.llamagen import guess_gpt_config_name
+
+        vocab, dim = sd["tok_embeddings.weight"].shape
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}
+        n_layer = max(layers) + 1 if layers else 0
+        name = guess_gpt_config_name(int(dim), n_layer) or guess_gpt_config_name(int(dim))
+        want = model_sd.get("tok_embeddings.weight")
+        want_layers = {int(m.group(1)) for k in model_sd if (m := re.match(r"layers\.(\d+)\.", k))}
+        if want is not None and (int(want.shape[1]) != int(dim) or len(want_layers) != n_layer):
+            hints.append(
+                f"wrong config: checkpoint dim {dim}, {n_layer} layers"
+                + (f" looks like {name}" if name else " (no published config has this width)")
+                + f"; the model has dim {int(want.shape[1])}, {len(want_layers)} layers"
+            )
+        if want is not None and int(want.shape[0]) != int(vocab):
+            hints.append(
+                f"wrong vocab_size: checkpoint has {vocab} token embeddings, model {int(want.shape[0])}"
+            )
+        cls = sd.get("cls_embedding.embedding_table.weight")
+        wcls = model_sd.get("cls_embedding.embedding_table.weight")
+        if cls is not None and wcls is not None and cls.shape[0] != wcls.shape[0]:
+            hints.append(
+                f"wrong num_classes/class_dropout_prob: checkpoint has {cls.shape[0]} class rows "
+                f"(num_classes + 1 null row when trained with label dropout), model {wcls.shape[0]}"
+            )
+        hints.append(
+            "note: block_size / image size is not stored in the state dict (RoPE is recomputed); "
+            "take it from the file name (_256 -> 256 tokens, _384 -> 576)"
+        )
+    if "quantize.embedding.weight" in sd:
+        cb = sd["quantize.embedding.weight"]
+        want = model_sd.get("quantize.embedding.weight")
+        if want is not None and tuple(cb.shape) != tuple(want.shape):
+            hints.append(f"wrong codebook: checkpoint {tuple(cb.shape)} vs model {tuple(want.shape)}")
+        n_enc = len({k.split(".")[2] for k in sd if k.startswith("encoder.conv_blocks.")})
+        n_want = len({k.split(".")[2] for k in model_sd if k.startswith("encoder.conv_blocks.")})
+        if n_want and n_enc != n_want:
+            hints.append(
+                f"wrong ch_mult: checkpoint has {n_enc} resolution levels (downsample {2 ** (n_enc - 1)}), "
+                f"model {n_want}; VQ-16 has 5 levels, VQ-8 has 4"
+            )
+        if "quantize.codebook_used" in model_sd and "quantize.codebook_used" not in sd:
+            hints.append("codebook_used buffer missing: build the model with codebook_show_usage=False")
+    return hints
+
+
+def load_strict(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    drop_patterns: Iterable[str] = DEFAULT_DROP,
+    what: str = "model",
+    suggest: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], list[str]] | None = None,
+    assign: bool = False,
+) -> nn.Module:
+    """Load `state_dict` into `module` strictly (after dropping `drop_patterns` keys).
+
+    Raises CheckpointError listing missing, unexpected and shape-mismatched keys plus config
+    hints. `assign=True` adopts the checkpoint tensors (use with a model built on the meta device).
+    """
+    sd, _ = _drop(state_dict, drop_patterns)
+    model_sd = module.state_dict()
+    missing = [k for k in model_sd if k not in sd]
+    unexpected = [k for k in sd if k not in model_sd]
+    mismatched = [
+        f"{k}: checkpoint {_shape(sd[k])} vs model {_shape(model_sd[k])}"
+        for k in model_sd
+        if k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint does not fit {what}:"]
+
+        def listing(title: str, items: list[str]) -> None:
+            if items:
+                shown = ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+                lines.append(f"  {title} ({len(items)}): {shown}")
+
+        listing("missing keys", missing)
+        listing("unexpected keys", unexpected)
+        listing("shape mismatches", mismatched)
+        hints = (suggest or suggest_llamagen)(sd, model_sd)
+        lines += [f"  hint: {h}" for h in hints]
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(sd, strict=True, assign=assign)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# our own checkpoints: name.safetensors + name.json
+# --------------------------------------------------------------------------------------------
+def _base(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+
+
+def save_model(path: str | os.PathLike, module: nn.Module | Mapping[str, Tensor], config: dict) -> Path:
+    """Write `path.safetensors` (weights, fp as stored) and `path.json` (config), each atomically.
+
+    The JSON is written last, so a directory with a JSON always has its weights.
+    """
+    from safetensors.torch import save_file
+
+    base = _base(path)
+    sd = module.state_dict() if isinstance(module, nn.Module) else dict(module)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if isinstance(v, Tensor)}
+    # safetensors refuses shared storage; clone any tensor whose storage was already seen
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            tensors[k] = v.clone()
+        seen.add(ptr)
+    with atomic_path(base.with_name(base.name + ".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(base.with_name(base.name + ".json"), config)
+    return base.with_name(base.name + ".safetensors")
+
+
+def load_model_config(path: str | os.PathLike) -> dict:
+    base = _base(path)
+    jpath = base.with_name(base.name + ".json")
+    if not jpath.is_file():
+        raise CheckpointError(f"{jpath}: config JSON missing (expected next to the .safetensors file)")
+    try:
+        return json.loads(jpath.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{jpath}: corrupt config JSON ({err})") from err
+
+
+def load_safetensors_model(
+    path: str | os.PathLike, module: nn.Module, what: str = "model", **kw
+) -> nn.Module:
+    base = _base(path)
+    sd = load_state_dict_file(base.with_name(base.name + ".safetensors"))
+    return load_strict(module, sd, what=what, **kw)

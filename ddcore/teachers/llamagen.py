@@ -1,0 +1,330 @@
+"""LlamaGen c2i as a `Teacher`: one position per AR step, KV-cached, batched CFG as generate.py.
+
+Per step the sampling distribution is
+    p = softmax(top_p(top_k(guided / max(T, 1e-5)))),   guided = uncond + s (cond - uncond)
+computed in fp32 from the last-position logits (`ddcore.sampling.logits_to_probs`). The batch is
+stacked [cond ; null] (null = class `num_classes`). Prefill (token 0) is always guided; with
+`cfg_interval` > -1, decode step i (which predicts token i + 1) uses the cond logits alone once
+i > cfg_interval. With cfg_scale == 1 the guided logits are the cond logits, so the null half is
+skipped (same probabilities, half the work). Unlike generate.py, which ignores cfg_scale <= 1,
+any scale != 1 is applied (0 gives the unconditional model).
+
+`teacher_forced_probs` computes the same distributions for every position with one full forward
+of the cond and null batches; a test checks it equals what start/advance produce.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ddcore.checkpoints import (
+    CheckpointError,
+    load_model_config,
+    load_state_dict_file,
+    load_strict,
+    unwrap_state_dict,
+)
+from ddcore.models.llamagen import GPT, GPTConfig, gpt_config
+from ddcore.models.vq import VQ_CONFIGS, VQConfig, VQModel
+from ddcore.params import SamplingParams
+from ddcore.sampling import cfg_logits, logits_to_probs
+from ddcore.teachers.base import StepState, Teacher
+
+__all__ = [
+    "LlamaGenState",
+    "LlamaGenTeacher",
+    "build_llamagen_teacher_from_dir",
+    "load_llamagen_gpt",
+    "load_llamagen_teacher",
+    "load_llamagen_vq",
+]
+
+
+@dataclass
+class LlamaGenState(StepState):
+    batch: int
+    guided: bool  # whether the batch holds a null half
+    pos: int = 0  # next image position whose probabilities were returned
+
+
+class LlamaGenTeacher(Teacher):
+    family = "llamagen"
+
+    def __init__(
+        self,
+        gpt: GPT,
+        vq: VQModel,
+        num_classes: int,
+        image_size: int,
+        dtype: torch.dtype | None = None,
+    ):
+        self.gpt = gpt.eval()
+        self.vq = vq.eval()
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        if dtype is not None:
+            self.gpt.to(dtype)
+        cfg = gpt.cfg
+        if cfg.num_classes != self.num_classes:
+            raise ValueError(
+                f"GPT has {cfg.num_classes} classes, teacher was given num_classes={num_classes}"
+            )
+        if vq.cfg.codebook_size != cfg.vocab_size:
+            raise ValueError(f"VQ codebook size {vq.cfg.codebook_size} != GPT vocab_size {cfg.vocab_size}")
+        if cfg.grid_size * vq.downsample != self.image_size:
+            raise ValueError(
+                f"image_size {image_size} != token grid {cfg.grid_size} x VQ downsample {vq.downsample}; "
+                "wrong block_size for this checkpoint?"
+            )
+        with torch.no_grad():
+            self._codebook = vq.codebook_vectors().detach().float().clone()
+
+    # --- structure ------------------------------------------------------------------------------
+    @property
+    def step_sizes(self) -> list[int]:
+        return [1] * self.gpt.cfg.block_size
+
+    @property
+    def codebook(self) -> Tensor:
+        if self._codebook.device != self.device:
+            self._codebook = self._codebook.to(self.device)
+        return self._codebook
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gpt.dtype
+
+    def to(self, device: str | torch.device) -> LlamaGenTeacher:
+        self.gpt.to(device)
+        self.vq.to(device)
+        self.gpt.clear_caches()
+        return self
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _use_null(self, params: SamplingParams) -> bool:
+        if params.cfg_scale == 1.0:
+            return False
+        if not self.gpt.cfg.has_null_class:
+            raise ValueError(
+                f"cfg_scale={params.cfg_scale} needs the null class row, but this GPT was built without "
+                "label dropout (class_dropout_prob=0); use cfg_scale=1.0"
+            )
+        return True
+
+    def _labels(self, labels: Tensor) -> Tensor:
+        labels = labels.to(self.device).long().reshape(-1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}); got {labels.tolist()[:8]}...")
+        return labels
+
+    def _probs(self, logits: Tensor, guided: bool, use_cfg: bool, params: SamplingParams) -> Tensor:
+        """logits (2B or B, ..., V) fp32 -> probs (B, ..., V)."""
+        if guided:
+            cond, uncond = logits.chunk(2, dim=0)
+            logits = cfg_logits(cond, uncond, params.cfg_scale) if use_cfg else cond
+        return logits_to_probs(logits.float(), params.temperature, params.top_k, params.top_p)
+
+    def _cfg_active(self, decode_step: int, params: SamplingParams) -> bool:
+        return not (params.cfg_interval > -1 and decode_step > params.cfg_interval)
+
+    # --- AR stepping --------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, labels: Tensor, params: SamplingParams) -> tuple[LlamaGenState, Tensor]:
+        labels = self._labels(labels)
+        bsz = labels.shape[0]
+        guided = self._use_null(params)
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.gpt.null_class)])
+        self.gpt.setup_caches(
+            labels.shape[0], self.gpt.cfg.block_size + self.gpt.cfg.cls_token_num, self.dtype
+        )
+        logits = self.gpt.prefill(labels)  # (B', V)
+        probs = self._probs(logits, guided, True, params)  # prefill is always guided
+        return LlamaGenState(batch=bsz, guided=guided, pos=0), probs.unsqueeze(1)
+
+    @torch.no_grad()
+    def advance(self, state: LlamaGenState, step: int, tokens: Tensor, params: SamplingParams) -> Tensor:
+        if step != state.pos:
+            raise ValueError(f"advance(step={step}) out of order: the state expects step {state.pos}")
+        x = tokens.to(self.device).long().reshape(state.batch)
+        if state.guided:
+            x = torch.cat([x, x])
+        logits = self.gpt.decode_step(x, step)
+        state.pos = step + 1
+        probs = self._probs(logits, state.guided, self._cfg_active(step, params), params)
+        return probs.unsqueeze(1)
+
+    @torch.no_grad()
+    def teacher_forced_logits(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        """(B, T, V) fp32 guided logits (before temperature / top-k / top-p) for every position."""
+        labels = self._labels(labels)
+        tokens = tokens.to(self.device).long()
+        if not self._use_null(params):
+            return self.gpt.forward_teacher(tokens, labels)
+        null = torch.full_like(labels, self.gpt.null_class)
+        logits = self.gpt.forward_teacher(torch.cat([tokens, tokens]), torch.cat([labels, null]))
+        cond, uncond = logits.chunk(2, dim=0)
+        guided = cfg_logits(cond, uncond, params.cfg_scale)
+        if params.cfg_interval > -1:
+            # position p comes from decode step p - 1; guidance stops once p - 1 > cfg_interval
+            stop = params.cfg_interval + 2
+            guided[:, stop:] = cond[:, stop:]
+        return guided
+
+    @torch.no_grad()
+    def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        logits = self.teacher_forced_logits(tokens, labels, params)
+        return logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
+
+    # --- decoding -------------------------------------------------------------------------------
+    def _to_unit(self, x: Tensor) -> Tensor:
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        tokens = tokens.to(self.vq.device).long()
+        return self._to_unit(self.vq.decode_code(tokens, self.gpt.cfg.grid_size))
+
+    @torch.no_grad()
+    def decode_vectors(self, vectors: Tensor) -> Tensor:
+        vectors = vectors.to(self.vq.device).float()
+        return self._to_unit(self.vq.decode_vectors(vectors, self.gpt.cfg.grid_size))
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def _meta_then_load(build, sd: dict, what: str, device, dtype):
+    """Build on the meta device (no random init of billions of params), then adopt the checkpoint."""
+    with torch.device("meta"):
+        model = build()
+    load_strict(model, sd, what=what, assign=True)
+    return model.to(device=device, dtype=dtype or torch.float32)
+
+
+def load_llamagen_gpt(
+    path: str | os.PathLike,
+    cfg: GPTConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    what: str | None = None,
+) -> GPT:
+    """Strictly load a published (or raw) GPT state dict into a model of config `cfg`."""
+    sd = unwrap_state_dict(load_state_dict_file(path), prefer=("model", "module", "state_dict"))
+    what = what or f"LlamaGen GPT (dim {cfg.dim}, {cfg.n_layer} layers, block_size {cfg.block_size})"
+    gpt = _meta_then_load(lambda: GPT(cfg), sd, what, device, dtype)
+    gpt.freqs_cis = gpt._rope_table(gpt.device)
+    return gpt.eval()
+
+
+def load_llamagen_vq(path: str | os.PathLike, cfg: VQConfig, device: str | torch.device = "cpu") -> VQModel:
+    sd = unwrap_state_dict(load_state_dict_file(path), prefer=("model", "module", "state_dict", "ema"))
+    what = f"LlamaGen VQ (codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}, {len(cfg.encoder_ch_mult)} levels)"
+    return _meta_then_load(lambda: VQModel(cfg), sd, what, device, torch.float32).eval()
+
+
+def load_llamagen_teacher(
+    name_or_gpt_path: str,
+    vq_path: str | None = None,
+    *,
+    source: str | None = None,
+    gpt_model: str | GPTConfig | None = None,
+    image_size: int | None = None,
+    vq_model: str | VQConfig | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    settings=None,
+) -> LlamaGenTeacher:
+    """Build a teacher from a registry name (``llamagen-b``) or a GPT checkpoint source.
+
+    The GPT config and image size come from the registry entry (by name, or by the file name of
+    the source: ``c2i_L_384.pt``), or from `gpt_model` / `image_size`. `source` / `vq_path`
+    override the registry's download locations (local path, s3://, hf://).
+    """
+    from ddcore.sources import find_checkpoint, get_checkpoint, llamagen_info_from_filename, resolve_source
+
+    info = find_checkpoint(name_or_gpt_path)
+    if info is None:
+        try:
+            info = llamagen_info_from_filename(name_or_gpt_path)
+        except ValueError:
+            info = None
+    gpt_src = source or (
+        info.source if info is not None and name_or_gpt_path == info.name else name_or_gpt_path
+    )
+    if gpt_model is None and info is None:
+        raise ValueError(
+            f"{name_or_gpt_path!r} is not a known LlamaGen checkpoint; pass gpt_model= and image_size="
+        )
+    cfg = gpt_model if isinstance(gpt_model, GPTConfig) else gpt_config(gpt_model or info.config)
+    size = image_size or (info.image_size if info else None)
+    if size is None:
+        raise ValueError("image_size is unknown; pass image_size=")
+    vq_cfg = vq_model if isinstance(vq_model, VQConfig) else VQ_CONFIGS[vq_model or "VQ-16"]
+    block = (size // vq_cfg.downsample) ** 2
+    ncls = num_classes or (info.num_classes if info else 1000)
+    if isinstance(gpt_model, GPTConfig):
+        if cfg.block_size != block:
+            raise ValueError(
+                f"gpt_model.block_size {cfg.block_size} != (image_size/{vq_cfg.downsample})^2 = {block}"
+            )
+    else:
+        cfg = gpt_config(cfg_name(cfg), block_size=block, num_classes=ncls)
+    vq_src = vq_path or get_checkpoint(info.tokenizer if info and info.tokenizer else "vq-ds16-c2i").source
+
+    gpt_file = resolve_source(gpt_src, settings=settings)
+    vq_file = resolve_source(vq_src, settings=settings)
+    label = f"LlamaGen {info.config if info else 'GPT'} ({Path(gpt_file).name}, block_size {cfg.block_size})"
+    gpt = load_llamagen_gpt(gpt_file, cfg, device=device, dtype=dtype, what=label)
+    vq = load_llamagen_vq(vq_file, vq_cfg, device=device)
+    return LlamaGenTeacher(gpt, vq, num_classes=ncls, image_size=size)
+
+
+def cfg_name(cfg: GPTConfig) -> str:
+    from ddcore.models.llamagen import GPT_CONFIGS
+
+    for name, c in GPT_CONFIGS.items():
+        if (c.dim, c.n_layer, c.n_head) == (cfg.dim, cfg.n_layer, cfg.n_head):
+            return name
+    raise ValueError(f"no published config with dim {cfg.dim}, {cfg.n_layer} layers")
+
+
+def build_llamagen_teacher_from_dir(
+    directory: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LlamaGenTeacher:
+    """Load our own `gpt.safetensors/gpt.json` + `vq.safetensors/vq.json` (e.g. the tiny world).
+
+    gpt.json holds the GPTConfig dict plus `num_classes` and `image_size` (either at the top level
+    or under "config"); vq.json holds the VQConfig dict (likewise).
+    """
+    d = Path(directory)
+    gj, vj = load_model_config(d / "gpt"), load_model_config(d / "vq")
+    gcfg_d = dict(gj.get("config", gj))
+    extra_keys = ("num_classes", "image_size", "family", "kind", "name")
+    image_size = gj.get("image_size", gcfg_d.get("image_size"))
+    if image_size is None:
+        raise CheckpointError(f"{d / 'gpt.json'}: 'image_size' missing")
+    gcfg = GPTConfig.from_dict({k: v for k, v in gcfg_d.items() if k not in extra_keys or k == "num_classes"})
+    num_classes = int(gj.get("num_classes", gcfg.num_classes))
+    vcfg_d = dict(vj.get("config", vj))
+    vcfg = VQConfig.from_dict({k: v for k, v in vcfg_d.items() if k not in extra_keys})
+    gpt = load_llamagen_gpt(d / "gpt.safetensors", gcfg, device=device, dtype=dtype, what=f"GPT from {d}")
+    vq = load_llamagen_vq(d / "vq.safetensors", vcfg, device=device)
+    if math.isqrt(gcfg.block_size) * vq.downsample != int(image_size):
+        raise CheckpointError(
+            f"{d}: image_size {image_size} does not match block_size {gcfg.block_size} x VQ stride"
+        )
+    return LlamaGenTeacher(gpt, vq, num_classes=num_classes, image_size=int(image_size))
