@@ -1,0 +1,402 @@
+"""VAR as a `Teacher`: one AR step per scale (step_sizes = [1, 4, 9, ..., 256]).
+
+Sampling follows the original `autoregressive_infer_cfg` exactly, except that the draw itself is
+the shared noise-driven chooser (so a VAR sample is reproducible per seed and batch-independent):
+  * classifier-free guidance runs cond and uncond rows in one batch [cond; null class] and
+    ramps with the scale: ratio = cfg * si / (S - 1), logits = (1 + ratio) cond - ratio uncond
+    (scale 0 is unguided). `params.cfg_scale` is VAR's `cfg` (official FID setting 1.5; 0 = off);
+    this is NOT LlamaGen's convention (there 1.0 = off);
+  * top-k keeps logits >= the k-th largest, then VAR's top-p: sort ascending and drop the tokens
+    whose ascending cumulative probability is <= 1 - p (the most likely token always stays);
+  * there is no temperature in VAR: `params.temperature` must be 1 and `cfg_interval` -1;
+  * the softmax is taken in fp32.
+The token "embedding space" DD works in (`codebook`) is the raw VQVAE codebook (V, Cvae),
+Euclidean, not normalised. Continuous token vectors decode through the same f_hat accumulation
+as codes (`VQVAE.decode_vectors_pyramid`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ddcore.checkpoints import (
+    CheckpointError,
+    load_model_config,
+    load_safetensors_model,
+    load_state_dict_file,
+    load_strict,
+    save_model,
+    unwrap_state_dict,
+)
+from ddcore.models.var import VAR, KVCache, VARConfig, var_config
+from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
+from ddcore.params import SamplingParams
+from ddcore.sampling import top_k_filter
+from ddcore.sources import CheckpointInfo, find_checkpoint, register_checkpoint, resolve_source
+from ddcore.teachers.base import StepState, Teacher
+
+# --------------------------------------------------------------------------------------------
+# VAR's logits processing
+# --------------------------------------------------------------------------------------------
+
+
+def var_top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """VAR's nucleus filter: sort ascending, drop tokens whose cumulative probability is <= 1 - p.
+
+    The largest-logit token is always kept. p >= 1 (or the original's p = 0) is a no-op.
+    """
+    if p <= 0.0 or p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1.0 - p)
+    remove[..., -1:] = False
+    mask = torch.zeros_like(remove).scatter(-1, order, remove)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def var_guided_logits(cond: Tensor, uncond: Tensor | None, si: int, num_scales: int, cfg: float) -> Tensor:
+    """(1 + r) cond - r uncond with r = cfg * si / (S - 1): guidance grows linearly over scales."""
+    ratio = cfg * si / (num_scales - 1) if num_scales > 1 else 0.0
+    if uncond is None or ratio == 0.0:
+        return cond
+    return (1.0 + ratio) * cond - ratio * uncond
+
+
+def var_logits_to_probs(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """top-k, then VAR's top-p, then softmax, all in fp32 (no temperature, as in VAR)."""
+    logits = var_top_p_filter(top_k_filter(logits.float(), top_k), top_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def check_var_sampling(params: SamplingParams) -> None:
+    if params.temperature != 1.0:
+        raise ValueError(
+            f"VAR samples without temperature (the original has none); got temperature={params.temperature}. "
+            "Set teacher.sampling.temperature to 1.0 for VAR presets."
+        )
+    if params.cfg_interval != -1:
+        raise ValueError(
+            f"VAR guides every scale with a linear ramp; cfg_interval={params.cfg_interval} is a LlamaGen "
+            "option. Set it to -1 for VAR presets."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VARState(StepState):
+    cache: KVCache
+    cond: Tensor  # (B, C) or (2B, C) with the null-class rows second
+    f_hat: Tensor  # (B, Cvae, H, W): accumulated over the scales fed so far
+    batch: int
+    guided: bool
+    next_step: int  # the step whose tokens `advance` expects next
+
+
+class VARTeacher(Teacher):
+    family = "var"
+
+    def __init__(self, var: VAR, vqvae: VQVAE, amp_dtype: torch.dtype | None = None):
+        vc, qc = var.cfg, vqvae.cfg
+        problems = []
+        if tuple(vc.patch_nums) != tuple(qc.patch_nums):
+            problems.append(f"patch_nums {vc.patch_nums} vs VQVAE {qc.patch_nums}")
+        if vc.vocab_size != qc.vocab_size:
+            problems.append(f"vocab_size {vc.vocab_size} vs VQVAE {qc.vocab_size}")
+        if vc.Cvae != qc.Cvae:
+            problems.append(f"Cvae {vc.Cvae} vs VQVAE {qc.Cvae}")
+        if problems:
+            raise ValueError("VAR and VQVAE do not fit together: " + "; ".join(problems))
+        self.var, self.vqvae = var.eval(), vqvae.eval()
+        self.num_classes = vc.num_classes
+        self.image_size = qc.image_size
+        self.amp_dtype = amp_dtype
+        self._step_sizes = [p * p for p in vc.patch_nums]
+
+    # --- structure ---------------------------------------------------------------------------
+    @property
+    def step_sizes(self) -> list[int]:
+        return list(self._step_sizes)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self._step_sizes)
+
+    @property
+    def codebook(self) -> Tensor:
+        return self.vqvae.codebook.detach()
+
+    @property
+    def device(self) -> torch.device:
+        return self.var.pos_1LC.device
+
+    def _amp(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _probs(self, logits: Tensor, si: int, batch: int, guided: bool, params: SamplingParams) -> Tensor:
+        cond, uncond = (logits[:batch], logits[batch:]) if guided else (logits, None)
+        guided_logits = var_guided_logits(cond.float(), uncond, si, self.num_scales, params.cfg_scale)
+        return var_logits_to_probs(guided_logits, params.top_k, params.top_p)
+
+    # --- AR stepping -------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, labels: Tensor, params: SamplingParams) -> tuple[VARState, Tensor]:
+        check_var_sampling(params)
+        labels = labels.to(self.device).long()
+        batch, guided = labels.shape[0], params.cfg_scale != 0.0
+        if guided:
+            labels = torch.cat((labels, torch.full_like(labels, self.var.null_class)))
+        cond = self.var.cond(labels)
+        cache = self.var.new_cache()
+        with self._amp():
+            logits = self.var.step(self.var.first_input(cond), cond, cache)
+        state = VARState(cache, cond, self.vqvae.new_fhat(batch, self.device), batch, guided, next_step=0)
+        return state, self._probs(logits, 0, batch, guided, params)
+
+    @torch.no_grad()
+    def advance(self, state: VARState, step: int, tokens: Tensor, params: SamplingParams) -> Tensor:
+        if step != state.next_step:
+            raise ValueError(f"advance expects the tokens of step {state.next_step}, got step {step}")
+        if step >= self.num_scales - 1:
+            raise ValueError(f"step {step} is the last scale; there is nothing to predict after it")
+        tokens = tokens.to(self.device).long()
+        if tokens.shape != (state.batch, self._step_sizes[step]):
+            raise ValueError(f"step {step} takes tokens of shape {(state.batch, self._step_sizes[step])}")
+        state.f_hat, nxt = self.vqvae.next_input(step, state.f_hat, self.vqvae.embed_scale(tokens))
+        x = self.var.scale_input(step + 1, nxt)
+        if state.guided:
+            x = torch.cat((x, x))
+        with self._amp():
+            logits = self.var.step(x, state.cond, state.cache)
+        state.next_step = step + 1
+        return self._probs(logits, step + 1, state.batch, state.guided, params)
+
+    @torch.no_grad()
+    def teacher_forced_logits(self, tokens: Tensor, labels: Tensor, guided: bool) -> Tensor:
+        """Masked full forward; (B, L, V) conditional logits, or (2B, L, V) [cond; uncond]."""
+        tokens, labels = tokens.to(self.device).long(), labels.to(self.device).long()
+        x = self.vqvae.idx_to_var_input(tokens)
+        if guided:
+            labels = torch.cat((labels, torch.full_like(labels, self.var.null_class)))
+            x = torch.cat((x, x))
+        with self._amp():
+            return self.var(labels, x)
+
+    @torch.no_grad()
+    def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        check_var_sampling(params)
+        batch, guided = tokens.shape[0], params.cfg_scale != 0.0
+        logits = self.teacher_forced_logits(tokens, labels, guided)
+        out = []
+        for si, (b, e) in enumerate(self.var.cfg.begin_ends):
+            out.append(self._probs(logits[:, b:e], si, batch, guided, params))
+        return torch.cat(out, dim=1)
+
+    # --- decoding ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        tokens = tokens.to(self.device).long()
+        if tokens.shape[1] != self.seq_len:
+            raise ValueError(f"expected (B, {self.seq_len}) tokens, got {tuple(tokens.shape)}")
+        if (tokens < 0).any() or (tokens >= self.vocab_size).any():
+            raise ValueError(
+                "token indices out of range (unfinished generation? -1 marks positions not sampled)"
+            )
+        return ((self.vqvae.idx_pyramid_to_img(tokens) + 1) / 2).float()
+
+    @torch.no_grad()
+    def decode_vectors(self, vectors: Tensor) -> Tensor:
+        if vectors.shape[1:] != (self.seq_len, self.token_dim):
+            raise ValueError(
+                f"expected (B, {self.seq_len}, {self.token_dim}) vectors, got {tuple(vectors.shape)}"
+            )
+        return ((self.vqvae.decode_vectors_pyramid(vectors.to(self.device).float()) + 1) / 2).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+VAR_HF_REPO = "FoundationVision/var"
+VAR_VQVAE_NAME = "var-vqvae"
+# The protocol behind the published FIDs (VAR README / issues); cfg is VAR's cfg.
+VAR_FID_SAMPLING = {"cfg_scale": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0}
+
+register_checkpoint(
+    CheckpointInfo(
+        name=VAR_VQVAE_NAME,
+        family="var",
+        kind="vqvae",
+        source=f"hf://{VAR_HF_REPO}/vae_ch160v4096z32.pth",
+        config="vae_ch160v4096z32",
+        image_size=256,
+        layout="raw",
+    )
+)
+for _d in (16, 20, 24, 30):
+    register_checkpoint(
+        CheckpointInfo(
+            name=f"var-d{_d}",
+            family="var",
+            kind="var",
+            source=f"hf://{VAR_HF_REPO}/var_d{_d}.pth",
+            config=f"var-d{_d}",
+            image_size=256,
+            block_size=680,
+            layout="raw",
+            tokenizer=VAR_VQVAE_NAME,
+            num_classes=1000,
+            sampling=dict(VAR_FID_SAMPLING),
+        )
+    )
+
+
+def suggest_var(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]) -> list[str]:
+    """Hints naming the VAR / VQVAE config a state dict looks like, for CheckpointError messages."""
+    hints: list[str] = []
+
+    def blocks(d: Mapping[str, Tensor]) -> int:
+        idx = {int(m.group(1)) for k in d if (m := re.match(r"blocks\.(\d+)\.", k))}
+        return max(idx) + 1 if idx else 0
+
+    if "word_embed.weight" in sd and "word_embed.weight" in model_sd:
+        got = (blocks(sd), int(sd["word_embed.weight"].shape[0]))
+        want = (blocks(model_sd), int(model_sd["word_embed.weight"].shape[0]))
+        if got != want:
+            name = (
+                f" (looks like var-d{got[0]})" if got[1] == 64 * got[0] and got[0] in (16, 20, 24, 30) else ""
+            )
+            hints.append(
+                f"wrong depth/width: checkpoint depth {got[0]}, C {got[1]}{name}; model depth {want[0]}, C {want[1]}"
+            )
+    for key, dim, what in (
+        ("pos_1LC", 1, "sequence length L = sum(pn^2)"),
+        ("lvl_embed.weight", 0, "number of scales"),
+    ):
+        if key in sd and key in model_sd and sd[key].shape[dim] != model_sd[key].shape[dim]:
+            hints.append(
+                f"wrong patch_nums: checkpoint {what} {sd[key].shape[dim]}, model {model_sd[key].shape[dim]}"
+            )
+    if (
+        "class_emb.weight" in sd
+        and "class_emb.weight" in model_sd
+        and sd["class_emb.weight"].shape[0] != model_sd["class_emb.weight"].shape[0]
+    ):
+        hints.append(
+            f"wrong num_classes: checkpoint has {sd['class_emb.weight'].shape[0]} class rows (num_classes + 1 null row)"
+        )
+    if "shared_ada_lin.1.weight" in sd and "shared_ada_lin.1.weight" not in model_sd:
+        hints.append("checkpoint uses shared AdaLN (shared_aln=True, e.g. the 512-px d36)")
+    if "quantize.ema_vocab_hit_SV" in sd and "quantize.ema_vocab_hit_SV" in model_sd:
+        got, want = (
+            tuple(sd["quantize.ema_vocab_hit_SV"].shape),
+            tuple(model_sd["quantize.ema_vocab_hit_SV"].shape),
+        )
+        if got != want:
+            hints.append(
+                f"VQVAE built for {want[0]} scales / V {want[1]}, checkpoint has {got[0]} scales / V {got[1]}"
+            )
+    if "encoder.conv_in.weight" in sd and "encoder.conv_in.weight" in model_sd:
+        got, want = sd["encoder.conv_in.weight"].shape[0], model_sd["encoder.conv_in.weight"].shape[0]
+        if got != want:
+            hints.append(f"wrong VQVAE ch: checkpoint {got}, model {want}")
+    return hints
+
+
+def _resolve(source: str | os.PathLike) -> Path:
+    return resolve_source(source)
+
+
+def load_var_vqvae(
+    source: str | os.PathLike | None = None, cfg: VQVAEConfig | None = None, device: str = "cpu"
+) -> VQVAE:
+    """The official VQVAE (default: the registry's hf:// file) loaded strictly, buffers included."""
+    path = _resolve(source or find_checkpoint(VAR_VQVAE_NAME).source)
+    sd = unwrap_state_dict(load_state_dict_file(path))
+    with torch.device("meta"):
+        vqvae = VQVAE(cfg or VQVAEConfig())
+    load_strict(
+        vqvae, sd, drop_patterns=(), what=f"VAR VQVAE ({path.name})", suggest=suggest_var, assign=True
+    )
+    return vqvae.to(device).eval()
+
+
+def load_var_model(cfg: VARConfig, source: str | os.PathLike, device: str = "cpu") -> VAR:
+    path = _resolve(source)
+    sd = unwrap_state_dict(load_state_dict_file(path))
+    with torch.device("meta"):
+        var = VAR(cfg)
+    load_strict(
+        var,
+        sd,
+        drop_patterns=(),
+        what=f"VAR depth {cfg.depth} ({path.name})",
+        suggest=suggest_var,
+        assign=True,
+    )
+    return var.to(device).eval()
+
+
+def load_var_teacher(
+    name: str = "var-d16",
+    source: str | os.PathLike | None = None,
+    vq_source: str | os.PathLike | None = None,
+    device: str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> VARTeacher:
+    """An official VAR teacher: `name` picks the config (var-d16/20/24/30); the sources default to
+    the registry's hf:// files and may be local paths or s3:// copies."""
+    cfg = var_config(name)
+    info = find_checkpoint(name)
+    var = load_var_model(cfg, source or info.source, device)
+    vqvae = load_var_vqvae(vq_source, VQVAEConfig(patch_nums=cfg.patch_nums), device)
+    return VARTeacher(var, vqvae, amp_dtype=amp_dtype)
+
+
+# --- our own checkpoints: var.safetensors/var.json + vqvae.safetensors/vqvae.json --------------
+
+
+def save_var_teacher(directory: str | os.PathLike, var: VAR, vqvae: VQVAE) -> Path:
+    directory = Path(directory)
+    save_model(directory / "vqvae", vqvae, vqvae.cfg.to_dict())
+    save_model(directory / "var", var, var.cfg.to_dict())
+    return directory
+
+
+def build_var_teacher_from_dir(
+    directory: str | os.PathLike, device: str = "cpu", amp_dtype: torch.dtype | None = None
+) -> VARTeacher:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{directory}: not a directory (expected var.safetensors/json, vqvae.safetensors/json)"
+        )
+    vq_cfg = VQVAEConfig.from_dict(load_model_config(directory / "vqvae"))
+    var_cfg = VARConfig.from_dict(load_model_config(directory / "var"))
+    with torch.device("meta"):
+        vqvae, var = VQVAE(vq_cfg), VAR(var_cfg)
+    load_safetensors_model(
+        directory / "vqvae",
+        vqvae,
+        what=f"{directory}/vqvae",
+        drop_patterns=(),
+        suggest=suggest_var,
+        assign=True,
+    )
+    load_safetensors_model(
+        directory / "var", var, what=f"{directory}/var", drop_patterns=(), suggest=suggest_var, assign=True
+    )
+    return VARTeacher(var.to(device), vqvae.to(device), amp_dtype=amp_dtype)
