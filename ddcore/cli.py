@@ -1,0 +1,249 @@
+"""The `ddcore` console command: one subcommand per pipeline stage, plus sampling and params.
+
+DVC stages call these subcommands, so each takes `--preset` and `--set key.path=value`; the preset
+(with overrides) is validated through `ddcore.params` before any work starts, and a bad value
+fails with the key path and what is allowed. `--root DIR` makes params.yaml, data/, models/,
+metrics/ and the default MLflow store relative to a checkout (what `dvc.yaml` uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ddcore.params import ParamsError, Preset, deep_merge, load_preset, parse_override
+
+STAGE_COMMANDS = ("prepare", "trajectories", "distill", "evaluate", "bench", "register")
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted both before and after the subcommand (`ddcore --preset x distill` or
+    `ddcore distill --preset x`)."""
+    d = argparse.SUPPRESS if suppress else None
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("experiment")
+    g.add_argument(
+        "--preset", default=d if suppress else "tiny", help="preset name in params.yaml (default: tiny)"
+    )
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        default=d if suppress else [],
+        help="override a preset value, e.g. --set train.lr=1e-4 (repeatable; value parsed as YAML)",
+    )
+    g.add_argument(
+        "--root",
+        type=Path,
+        default=d,
+        help="project directory holding params.yaml, data/, models/, metrics/ (default: the installed project)",
+    )
+    g.add_argument("--quiet", action="store_true", default=d if suppress else False, help="no progress bars")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddcore",
+        description="Distilled Decoding for image AR models: prepare a teacher, generate DD1 trajectories, "
+        "distil a few-step student, evaluate, benchmark, register.",
+        parents=[_common(suppress=False)],
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common(suppress=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, parents=[common])
+
+    add("prepare", "prepare the teacher: train the offline tiny world, or fetch a published checkpoint")
+    p = add("trajectories", "generate DD1 (noise, teacher tokens) trajectory shards")
+    p.add_argument("--shards", type=_int_list, default=None, metavar="I,J,...", help="only these shard ids")
+    add("distill", "train the DD1 student on the trajectories (resumes)")
+    add("evaluate", "FID / IS / precision / recall of every sampler; grids; FID vs steps")
+    add("bench", "latency and throughput of every sampler on this machine")
+    p = add("register", "log to MLflow, register dd-<teacher>, apply the champion/challenger gate")
+    p.add_argument("--flow-run-id", default=None, help="Prefect flow-run id to tag the run with")
+    p = add("pipeline", "all stages in order (each skips when already complete)")
+    p.add_argument(
+        "--stages",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(STAGE_COMMANDS),
+        metavar="S1,S2,...",
+        help=f"subset of {','.join(STAGE_COMMANDS)}",
+    )
+    p = add("sample", "draw images from the teacher or a student sampler into a PNG grid or an .npz")
+    p.add_argument(
+        "--sampler", default="teacher", help="'teacher' or a name from eval.samplers (e.g. dd1-1step)"
+    )
+    p.add_argument(
+        "--labels", type=_int_list, default=None, metavar="L1,L2,...", help="class labels (default: cycle)"
+    )
+    p.add_argument("-n", "--num", type=int, default=16, help="number of images when --labels is not given")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output .png (grid) or .npz (uint8 images, labels, seeds)"
+    )
+    p.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    p = add("params", "print the resolved preset (after --set overrides)")
+    p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    return parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def resolve_preset(name: str, overrides: Sequence[str], params_file: Path) -> Preset:
+    """Validate preset + overrides before any work starts (ParamsError names the key path)."""
+    merged: dict = {}
+    for o in overrides:
+        merged = deep_merge(merged, parse_override(o))
+    return load_preset(name, params_file, overrides=merged or None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from ddcore import stages
+
+    layout = stages.Layout.create(args.preset, root=args.root)
+    try:
+        preset = resolve_preset(args.preset, args.overrides, layout.params_file)
+    except ParamsError as e:
+        print(f"ddcore: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"ddcore: params file not found: {e.filename}", file=sys.stderr)
+        return 2
+    progress = not args.quiet
+    try:
+        result = _dispatch(args, preset, layout, progress)
+    except NotImplementedError as e:
+        print(f"ddcore {args.command}: not available yet: {e}", file=sys.stderr)
+        return 3
+    except FileNotFoundError as e:
+        print(f"ddcore {args.command}: {e}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _dispatch(args: argparse.Namespace, preset: Preset, layout, progress: bool):
+    from ddcore import stages
+
+    name = args.preset
+    cmd = args.command
+    if cmd == "params":
+        data = preset.model_dump(mode="json")
+        if args.json:
+            return data
+        import yaml
+
+        print(yaml.safe_dump({name: data}, sort_keys=False), end="")
+        return None
+    if cmd == "prepare":
+        return stages.prepare_teacher(name, preset, layout, progress=progress)
+    if cmd == "trajectories":
+        return stages.generate_trajectories_stage(
+            name, preset, shard_ids=args.shards, layout=layout, progress=progress
+        )
+    if cmd == "distill":
+        return stages.distill_stage(name, preset, layout)
+    if cmd == "evaluate":
+        return stages.evaluate_stage(name, preset, layout)
+    if cmd == "bench":
+        return stages.bench_stage(name, preset, layout)
+    if cmd == "register":
+        return stages.register_stage(name, preset, layout, flow_run_id=args.flow_run_id)
+    if cmd == "pipeline":
+        return _pipeline(name, preset, layout, args.stages, progress)
+    if cmd == "sample":
+        return _sample(args, preset, layout)
+    raise AssertionError(cmd)
+
+
+def _pipeline(name: str, preset: Preset, layout, wanted: Sequence[str], progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from ddcore import stages
+
+    unknown = [s for s in wanted if s not in stages.STAGES]
+    if unknown:
+        raise SystemExit(f"ddcore pipeline: unknown stage(s) {unknown}; allowed: {', '.join(stages.STAGES)}")
+    out = {}
+    bar = tqdm(
+        [s for s in stages.STAGES if s in wanted], desc=f"pipeline {name}", unit="stage", disable=not progress
+    )
+    for s in bar:
+        bar.set_postfix_str(s)
+        out.update(stages.run_pipeline(name, preset, layout, stages=[s], progress=progress))
+    return {s: _short(r) for s, r in out.items()}
+
+
+def _short(result) -> object:
+    """Stage results can be large (tiny-world reports); the pipeline prints headlines."""
+    if isinstance(result, dict):
+        return {
+            k: v for k, v in result.items() if not isinstance(v, dict | list) or k in ("decision", "scores")
+        }
+    return result
+
+
+def _sample(args: argparse.Namespace, preset: Preset, layout) -> dict:
+    import numpy as np
+    import torch
+
+    from ddcore import stages
+    from ddcore.checkpoints import atomic_path
+    from ddcore.samplers import TeacherSampler
+
+    teacher, _ = stages.load_teacher(preset, layout.teacher_dir)
+    if args.sampler == "teacher":
+        sampler = TeacherSampler(teacher, preset.teacher.sampling)
+    else:
+        (sampler,) = stages.build_samplers(preset, teacher, layout.student_dir, [args.sampler])
+    labels = args.labels or [i % teacher.num_classes for i in range(args.num)]
+    bad = [x for x in labels if not 0 <= x < teacher.num_classes]
+    if bad:
+        raise SystemExit(f"ddcore sample: labels {bad} outside [0, {teacher.num_classes})")
+    seeds = [args.seed + i for i in range(len(labels))]
+    from tqdm.auto import tqdm
+
+    chunks = []
+    step = 64
+    for i in tqdm(range(0, len(labels), step), desc=f"sample {args.sampler}", disable=args.quiet):
+        chunks.append(sampler.images(torch.tensor(labels[i : i + step]), seeds[i : i + step]).cpu())
+    images = torch.cat(chunks).clamp(0, 1)
+    out: Path = args.out
+    if out.suffix == ".npz":
+        u8 = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, images=u8, labels=np.array(labels), seeds=np.array(seeds))
+    elif out.suffix.lower() == ".png":
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        grid = make_grid(images, nrow=args.nrow, padding=2, pad_value=1.0)
+        arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        with atomic_path(out) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
+    else:
+        raise SystemExit(f"ddcore sample: --out must end in .png or .npz, got {out.name!r}")
+    return {"out": str(out), "sampler": sampler.name, "steps": sampler.steps, "images": len(labels)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
