@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from eval_helpers import RandomConvEvaluator
 from PIL import Image
-from torch import nn
 from torch.utils.data import Dataset
 
 from ddcore.eval.fidelity import (
@@ -29,24 +29,6 @@ from ddcore.eval.metrics import (
     kernel_inception_distance,
     precision_recall,
 )
-
-
-class RandomConvEvaluator(nn.Module):
-    """Fixed random conv features + a linear head, with the TinyEvaluator call signature."""
-
-    def __init__(self, num_classes: int = 5, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.trunk = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2)
-        )
-        self.head = nn.Linear(32, num_classes)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trunk(images * 2 - 1).flatten(1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
 
 
 class U8Dataset(Dataset):
