@@ -273,7 +273,10 @@ def load_llamagen_teacher(
         raise ValueError("image_size is unknown; pass image_size=")
     vq_cfg = vq_model if isinstance(vq_model, VQConfig) else VQ_CONFIGS[vq_model or "VQ-16"]
     block = (size // vq_cfg.downsample) ** 2
-    ncls = num_classes or (info.num_classes if info else 1000)
+    if isinstance(gpt_model, GPTConfig):
+        ncls = num_classes or cfg.num_classes
+    else:
+        ncls = num_classes or (info.num_classes if info else 1000)
     if isinstance(gpt_model, GPTConfig):
         if cfg.block_size != block:
             raise ValueError(
