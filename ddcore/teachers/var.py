@@ -316,15 +316,11 @@ def suggest_var(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]) -> lis
     return hints
 
 
-def _resolve(source: str | os.PathLike) -> Path:
-    return resolve_source(source)
-
-
 def load_var_vqvae(
     source: str | os.PathLike | None = None, cfg: VQVAEConfig | None = None, device: str = "cpu"
 ) -> VQVAE:
     """The official VQVAE (default: the registry's hf:// file) loaded strictly, buffers included."""
-    path = _resolve(source or find_checkpoint(VAR_VQVAE_NAME).source)
+    path = resolve_source(source or find_checkpoint(VAR_VQVAE_NAME).source)
     sd = unwrap_state_dict(load_state_dict_file(path))
     with torch.device("meta"):
         vqvae = VQVAE(cfg or VQVAEConfig())
@@ -335,7 +331,7 @@ def load_var_vqvae(
 
 
 def load_var_model(cfg: VARConfig, source: str | os.PathLike, device: str = "cpu") -> VAR:
-    path = _resolve(source)
+    path = resolve_source(source)
     sd = unwrap_state_dict(load_state_dict_file(path))
     with torch.device("meta"):
         var = VAR(cfg)
@@ -356,13 +352,23 @@ def load_var_teacher(
     vq_source: str | os.PathLike | None = None,
     device: str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    cfg: VARConfig | None = None,
+    vq_cfg: VQVAEConfig | None = None,
 ) -> VARTeacher:
-    """An official VAR teacher: `name` picks the config (var-d16/20/24/30); the sources default to
-    the registry's hf:// files and may be local paths or s3:// copies."""
-    cfg = var_config(name)
-    info = find_checkpoint(name)
-    var = load_var_model(cfg, source or info.source, device)
-    vqvae = load_var_vqvae(vq_source, VQVAEConfig(patch_nums=cfg.patch_nums), device)
+    """An official VAR teacher, loaded strictly from the original `.pth` state dicts.
+
+    `name` picks the config (var-d16/20/24/30) and the registry's default hf:// files; `source` /
+    `vq_source` may be local paths or s3:// copies. `cfg` / `vq_cfg` override the architecture
+    (checkpoints in the official layout but of another size).
+    """
+    cfg = cfg or var_config(name)
+    if source is None:
+        info = find_checkpoint(name)
+        if info is None:
+            raise CheckpointError(f"no registered VAR checkpoint {name!r} and no source given")
+        source = info.source
+    var = load_var_model(cfg, source, device)
+    vqvae = load_var_vqvae(vq_source, vq_cfg or VQVAEConfig(patch_nums=cfg.patch_nums), device)
     return VARTeacher(var, vqvae, amp_dtype=amp_dtype)
 
 
