@@ -241,3 +241,12 @@ def test_registry_entries():
     )
     assert find_checkpoint("vae_ch160v4096z32.pth").name == "var-vqvae"
     assert find_checkpoint("var_d30.pth").config == "var-d30"
+
+
+def test_autocast_bf16_is_close_to_fp32(teacher):
+    amp = VARTeacher(teacher.var, teacher.vqvae, amp_dtype=torch.bfloat16)
+    labels = torch.tensor([0, 1])
+    tokens = teacher.sample(labels, [1, 2], GUIDED)
+    a = amp.teacher_forced_probs(tokens, labels, GUIDED)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, teacher.teacher_forced_probs(tokens, labels, GUIDED), rtol=0, atol=0.05)
