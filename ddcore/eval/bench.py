@@ -1,0 +1,385 @@
+"""Speed benchmarks: every sampler of a case measured side by side in one process, warm.
+
+Numbers are only comparable within one run on one machine, so one call measures the teacher
+and all students under the same conditions and reports ratios (speedup = teacher batch-1
+latency / sampler batch-1 latency). Each figure is the median of `repeats` timed runs after
+`warmup` untimed ones, with CUDA synchronised around every run.
+
+Cases: the samplers a preset builds (e.g. the tiny world), and LlamaGen-B / -L architectures with
+random weights (`llamagen-b-random`, `llamagen-l-random`): latency does not depend on weight
+values. On CPU a full 256-token LlamaGen image takes minutes, so `max_tokens` can time only the
+first tokens and extrapolate linearly to the full sequence; such figures carry
+`"extrapolated_from_tokens"` (attention over a longer prefix makes later tokens slower, so an
+extrapolated time is a lower bound).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddcore.eval.report import render_results_table, write_json  # noqa: F401  (re-exported)
+from ddcore.params import BenchParams, SamplingParams
+
+RANDOM_CASES = {"llamagen-b-random": "GPT-B", "llamagen-l-random": "GPT-L"}
+# LlamaGen's ImageNet FID settings, which DD1 distils (cfg 2.0, top-k 8000)
+LLAMAGEN_SAMPLING = SamplingParams(cfg_scale=2.0, top_k=8000)
+
+
+# --------------------------------------------------------------------------------------------
+# machine and measurement helpers
+# --------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu_model": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda_device": None,
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+    """Median wall time of `fn` over `repeats` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device | str):
+    """Yield a dict that receives the peak extra memory of the block, in MB, and how it was measured.
+
+    CUDA: `torch.cuda.max_memory_allocated` above the allocation at entry (tensors only, exact).
+    CPU: resident set size sampled every 2 ms from /proc/self/statm, peak above the RSS at entry
+    (includes allocator caching and can miss spikes shorter than the interval).
+    """
+    out: dict = {}
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        yield out
+        torch.cuda.synchronize(dev)
+        out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        out["peak_mem_kind"] = "cuda_max_memory_allocated"
+        return
+    if not os.path.exists("/proc/self/statm"):
+        yield out
+        out["peak_mem_mb"], out["peak_mem_kind"] = None, "unavailable"
+        return
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            stop.wait(0.002)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        th.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        out["peak_mem_mb"] = (peak[0] - base) / 2**20
+        out["peak_mem_kind"] = "cpu_rss_sampled"
+
+
+def _inputs(num_classes: int, batch: int) -> tuple[torch.Tensor, list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(0, num_classes, (batch,), generator=g), [9_000_000 + i for i in range(batch)]
+
+
+# --------------------------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------------------------
+def with_compiled(samplers: Sequence, enabled: bool) -> list:
+    """Add each sampler's torch.compile'd variant, for samplers that offer one via `compiled()`.
+
+    Only the sampler knows which of its modules and call paths compile cleanly (a KV-cached
+    decode step needs static shapes), so the variant is the sampler's job; it must carry its
+    own name (e.g. "dd1-1step+compile").
+    """
+    out = list(samplers)
+    if enabled:
+        out += [s.compiled() for s in samplers if callable(getattr(s, "compiled", None))]
+    return out
+
+
+def _teacher_of(samplers: Sequence) -> tuple[object | None, object | None]:
+    """(the teacher sampler, its Teacher) if the case has one."""
+    from ddcore.samplers import TeacherSampler
+
+    for s in samplers:
+        if isinstance(s, TeacherSampler):
+            return s, s.teacher
+    for s in samplers:
+        if getattr(s, "teacher", None) is not None:
+            return None, s.teacher
+    return None, None
+
+
+def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int | None) -> dict:
+    """Generation and VQ decoding of the teacher timed separately (images = decode(generate))."""
+    teacher, params = ts.teacher, ts.params
+    labels, seeds = _inputs(teacher.num_classes, batch)
+    n = teacher.seq_len if not max_tokens or max_tokens >= teacher.seq_len else max_tokens
+    stop = n
+    if n < teacher.seq_len:  # stop must fall on a step boundary
+        stop = next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= n)
+    with torch.no_grad():
+        gen = time_call(
+            lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop), repeats, warmup
+        )
+        # decoding cost does not depend on which tokens are decoded
+        tokens = torch.randint(
+            0, teacher.vocab_size, (batch, teacher.seq_len), generator=torch.Generator().manual_seed(0)
+        )
+        dec = time_call(lambda: teacher.decode(tokens), repeats, warmup)
+        with peak_memory(teacher.device) as mem:
+            teacher.generate(labels, params, teacher.noise(seeds), stop=stop)
+            teacher.decode(tokens)
+    gen_full = gen * teacher.seq_len / stop
+    out = {
+        "batch": batch,
+        "seconds": gen_full + dec,
+        "generate_seconds": gen_full,
+        "decode_seconds": dec,
+        "decode_share": dec / (gen_full + dec),
+        **mem,
+    }
+    if stop < teacher.seq_len:
+        out["extrapolated_from_tokens"] = stop
+    return out
+
+
+def _measure_sampler(s, teacher, batch: int, repeats: int, warmup: int) -> dict:
+    num_classes = teacher.num_classes if teacher is not None else 1
+    labels, seeds = _inputs(num_classes, batch)
+    with torch.no_grad():
+        total = time_call(lambda: s.images(labels, seeds), repeats, warmup)
+        out = {"batch": batch, "seconds": total}
+        if teacher is not None:
+            # every sampler ends in the same VQ decoder; its cost on this batch bounds the decode share
+            tokens = s.tokens(labels, seeds)
+            dec = time_call(lambda: teacher.decode(tokens), repeats, min(warmup, 1))
+            out["decode_seconds"] = dec
+            out["decode_share"] = min(1.0, dec / total)
+        with peak_memory(teacher.device if teacher is not None else "cpu") as mem:
+            s.images(labels, seeds)
+    return {**out, **mem}
+
+
+def bench_case(
+    samplers: Sequence,
+    case_name: str,
+    batch_sizes: Sequence[int] = (1, 64),
+    repeats: int = 5,
+    warmup: int = 1,
+    max_tokens: int | None = None,
+    progress: bool = True,
+    compile: bool = False,
+) -> dict:
+    """Latency (batch_sizes[0], normally 1) and throughput (batch_sizes[-1]) of each sampler.
+
+    Per sampler: sec_per_image at the latency batch, images_per_s at the throughput batch,
+    speedup (teacher latency / sampler latency) and throughput_speedup, decode_share, peak memory.
+    Teacher facts: ms/token at batch 1 and tokens/s at the throughput batch.
+    """
+    lat_b, thr_b = int(batch_sizes[0]), int(batch_sizes[-1])
+    teacher_sampler, teacher = _teacher_of(samplers)
+    samplers = with_compiled(samplers, compile)
+    rows: dict[str, dict] = {}
+    for s in samplers:
+        per_batch = {}
+        for b in dict.fromkeys((lat_b, thr_b)):
+            if progress:
+                print(f"[bench {case_name}] {s.name} batch {b}", flush=True)
+            if s is teacher_sampler:
+                per_batch[b] = _measure_teacher(s, b, repeats, warmup, max_tokens)
+            else:
+                per_batch[b] = _measure_sampler(s, teacher, b, repeats, warmup)
+        lat, thr = per_batch[lat_b], per_batch[thr_b]
+        rows[s.name] = {
+            "steps": int(s.steps),
+            "sec_per_image": lat["seconds"] / lat_b,
+            "images_per_s": thr_b / thr["seconds"],
+            "latency_batch": lat_b,
+            "throughput_batch": thr_b,
+            "decode_share": lat.get("decode_share"),
+            "decode_share_throughput": thr.get("decode_share"),
+            "peak_mem_mb": lat.get("peak_mem_mb"),
+            "peak_mem_mb_throughput": thr.get("peak_mem_mb"),
+            "peak_mem_kind": lat.get("peak_mem_kind"),
+            "extrapolated_from_tokens": lat.get("extrapolated_from_tokens"),
+            "runs": {str(b): m for b, m in per_batch.items()},
+        }
+    case: dict = {
+        "samplers": rows,
+        "settings": {"batch_sizes": [lat_b, thr_b], "repeats": repeats, "warmup": warmup},
+    }
+    if teacher_sampler is not None:
+        t = rows[teacher_sampler.name]
+        for r in rows.values():
+            r["speedup"] = t["sec_per_image"] / r["sec_per_image"]
+            r["throughput_speedup"] = r["images_per_s"] / t["images_per_s"]
+        tl, tt = t["runs"][str(lat_b)], t["runs"][str(thr_b)]
+        case["teacher"] = {
+            "name": teacher_sampler.name,
+            "seq_len": teacher.seq_len,
+            "ar_steps": len(teacher.step_sizes),
+            "ms_per_token_b1": 1000 * tl["generate_seconds"] / lat_b / teacher.seq_len
+            if lat_b == 1
+            else None,
+            "ms_per_step_b1": 1000 * tl["generate_seconds"] / len(teacher.step_sizes) if lat_b == 1 else None,
+            "tokens_per_s": thr_b * teacher.seq_len / tt["generate_seconds"],
+            "tokens_per_s_batch": thr_b,
+            "extrapolated_from_tokens": tl.get("extrapolated_from_tokens"),
+        }
+    else:
+        for r in rows.values():
+            r["speedup"] = r["throughput_speedup"] = None
+    return case
+
+
+# --------------------------------------------------------------------------------------------
+# random-weight LlamaGen architectures
+# --------------------------------------------------------------------------------------------
+def llamagen_random_samplers(
+    case: str,
+    device: str | torch.device = "cpu",
+    sampling: SamplingParams = LLAMAGEN_SAMPLING,
+    student_builder: Callable[[object], Sequence] | None = None,
+) -> list:
+    """The teacher (and, given `student_builder(teacher)`, students) of a LlamaGen size, random weights."""
+    from ddcore.models.llamagen import GPT, gpt_config
+    from ddcore.models.vq import VQ_CONFIGS, VQModel
+    from ddcore.samplers import TeacherSampler
+    from ddcore.teachers.llamagen import LlamaGenTeacher
+
+    if case not in RANDOM_CASES:
+        raise ValueError(f"unknown random case {case!r}; allowed: {', '.join(RANDOM_CASES)}")
+    torch.manual_seed(0)
+    gpt = GPT(gpt_config(RANDOM_CASES[case])).eval()
+    vq = VQModel(VQ_CONFIGS["VQ-16"]).eval()
+    teacher = LlamaGenTeacher(gpt, vq, num_classes=1000, image_size=256).to(device)
+    samplers = [TeacherSampler(teacher, sampling)]
+    if student_builder is not None:
+        samplers += list(student_builder(teacher))
+    return samplers
+
+
+# --------------------------------------------------------------------------------------------
+# the stage entry point
+# --------------------------------------------------------------------------------------------
+def bench_samplers(
+    samplers: Sequence,
+    params: BenchParams | str = "world",
+    out_dir: str | Path | None = None,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    max_tokens: int | None = None,
+    random_case_batch_sizes: Sequence[int] | None = None,
+    random_case_max_tokens: int | None = None,
+    student_builder: Callable[[object], Sequence] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    compile: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """Benchmark `samplers` (and any random-architecture cases) and write `out_dir`/bench.json.
+
+    `params` is the preset's BenchParams, or just a case name for `samplers`. In `params.cases`,
+    names from RANDOM_CASES build random-weight LlamaGen teachers; the first other name labels
+    `samplers` (default "world"). On CPU the random cases default to batch sizes (1, 2) and
+    timing 16 tokens (extrapolated, labelled); on CUDA to the full (1, throughput_batch) run.
+    `compile` (default: on when CUDA is available) adds the `compiled()` variants of samplers.
+    `extra` values (numbers, dicts, or callables returning them, e.g. trajectory-generation or
+    training throughput) are stored under bench["extra"].
+    """
+    if isinstance(params, str):
+        params = BenchParams(cases=[params])
+    on_cuda = torch.cuda.is_available()
+    compile = on_cuda if compile is None else compile
+    bs = tuple(batch_sizes or (1, params.throughput_batch))
+    reps = params.repeats if repeats is None else repeats
+    warm = params.warmup if warmup is None else warmup
+    own = [c for c in params.cases if c not in RANDOM_CASES]
+    if len(own) > 1:
+        raise ValueError(f"only one case can label the given samplers, got {own}")
+    cases: dict[str, dict] = {}
+    if samplers:
+        cases[own[0] if own else "preset"] = bench_case(
+            samplers, own[0] if own else "preset", bs, reps, warm, max_tokens, progress, compile
+        )
+    for name in params.cases:
+        if name not in RANDOM_CASES:
+            continue
+        device = "cuda" if on_cuda else "cpu"
+        rbs = tuple(random_case_batch_sizes or ((1, params.throughput_batch) if on_cuda else (1, 2)))
+        rtok = random_case_max_tokens if random_case_max_tokens is not None else (None if on_cuda else 16)
+        rs = llamagen_random_samplers(name, device, student_builder=student_builder)
+        cases[name] = bench_case(
+            rs, name, rbs, reps if on_cuda else min(reps, 2), warm, rtok, progress, compile
+        )
+        cases[name]["weights"] = "random (timing does not depend on weight values)"
+        del rs
+    result = {
+        "machine": machine_info(),
+        "settings": {
+            "repeats": reps,
+            "warmup": warm,
+            "batch_sizes": list(bs),
+            "compile": compile,
+            "timing": "median wall time, warm",
+        },
+        "cases": cases,
+        "extra": {k: (v() if callable(v) else v) for k, v in (extra or {}).items()},
+    }
+    if out_dir is not None:
+        write_json(result, Path(out_dir) / "bench.json")
+    return result

@@ -1,0 +1,191 @@
+"""Benchmark bookkeeping against known answers: samplers advance a fake clock by fixed costs, so
+latency, throughput, speedup, decode share and token extrapolation have exact expected values.
+(These are not timed tests; speed itself is measured by `bench_samplers` runs, not asserted.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ddcore.eval import bench as bench_mod
+from ddcore.eval.bench import bench_case, bench_samplers, machine_info, peak_memory, time_call
+from ddcore.eval.report import render_results_table
+from ddcore.params import BenchParams, SamplingParams
+from ddcore.samplers import TeacherSampler
+
+L = 8  # tokens per image
+GEN_PER_TOKEN = 0.01  # fake seconds per generated token per batch (batch-parallel)
+DECODE = 0.5  # fake seconds per decode call
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = FakeClock()
+    monkeypatch.setattr(bench_mod.time, "perf_counter", c)
+    return c
+
+
+class FakeTeacher:
+    num_classes, seq_len, vocab_size = 10, L, 16
+    step_sizes = [1] * L
+    step_starts = list(range(L))
+    device = torch.device("cpu")
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def noise(self, seeds):
+        return torch.zeros(len(seeds), L, 2)
+
+    def generate(self, labels, params, noise, chooser=None, prefix=None, stop=None):
+        stop = L if stop is None else stop
+        self.clock.now += GEN_PER_TOKEN * stop
+        return torch.zeros(labels.shape[0], L, dtype=torch.long)
+
+    def sample(self, labels, seeds, params, chooser=None):
+        return self.generate(labels, params, self.noise(seeds))
+
+    def decode(self, tokens):
+        self.clock.now += DECODE
+        return torch.zeros(tokens.shape[0], 3, 4, 4)
+
+
+class FakeStudent:
+    """One step costing `cost` per call regardless of batch, plus the shared decode."""
+
+    def __init__(self, name, teacher, cost, steps=1):
+        self.name, self.teacher, self.cost, self.steps = name, teacher, cost, steps
+
+    def tokens(self, labels, seeds):
+        self.teacher.clock.now += self.cost
+        return torch.zeros(len(seeds), L, dtype=torch.long)
+
+    def images(self, labels, seeds):
+        return self.teacher.decode(self.tokens(labels, seeds))
+
+
+def test_time_call_is_median_after_warmup(clock):
+    costs = iter([50.0, 3.0, 1.0, 2.0])  # the first (warm-up) call is not timed
+
+    def fn():
+        clock.now += next(costs)
+
+    assert time_call(fn, repeats=3, warmup=1) == 2.0
+
+
+def test_bench_case_known_answers(clock):
+    teacher = FakeTeacher(clock)
+    samplers = [TeacherSampler(teacher, SamplingParams()), FakeStudent("one", teacher, 0.02)]
+    case = bench_case(samplers, "fake", batch_sizes=(1, 4), repeats=3, warmup=1, progress=False)
+    t, s = case["samplers"]["teacher"], case["samplers"]["one"]
+    t_b1 = GEN_PER_TOKEN * L + DECODE
+    assert t["sec_per_image"] == pytest.approx(t_b1)
+    assert t["images_per_s"] == pytest.approx(4 / t_b1)  # the fake teacher is batch-parallel
+    assert t["decode_share"] == pytest.approx(DECODE / t_b1)
+    assert s["sec_per_image"] == pytest.approx(0.02 + DECODE)
+    assert s["speedup"] == pytest.approx(t_b1 / (0.02 + DECODE))
+    assert s["decode_share"] == pytest.approx(DECODE / (0.02 + DECODE))
+    assert t["speedup"] == pytest.approx(1.0)
+    assert case["teacher"]["ms_per_token_b1"] == pytest.approx(1000 * GEN_PER_TOKEN)
+    assert case["teacher"]["tokens_per_s"] == pytest.approx(4 * L / (GEN_PER_TOKEN * L))
+    assert t["extrapolated_from_tokens"] is None
+
+
+def test_truncated_teacher_timing_is_extrapolated_and_labelled(clock):
+    teacher = FakeTeacher(clock)
+    case = bench_case(
+        [TeacherSampler(teacher, SamplingParams())], "fake", (1, 2), 1, 0, max_tokens=3, progress=False
+    )
+    t = case["samplers"]["teacher"]
+    assert t["extrapolated_from_tokens"] == 3
+    assert case["teacher"]["extrapolated_from_tokens"] == 3
+    # linear cost per token: extrapolating 3 -> 8 tokens recovers the full cost exactly
+    assert t["sec_per_image"] == pytest.approx(GEN_PER_TOKEN * L + DECODE)
+
+
+def test_compiled_variants_are_added_only_when_enabled(clock):
+    teacher = FakeTeacher(clock)
+
+    class Compilable(FakeStudent):
+        def compiled(self):
+            return FakeStudent(self.name + "+compile", self.teacher, self.cost / 2)
+
+    samplers = [TeacherSampler(teacher, SamplingParams()), Compilable("dd", teacher, 0.2)]
+    off = bench_case(samplers, "c", (1, 1), 1, 0, progress=False)
+    on = bench_case(samplers, "c", (1, 1), 1, 0, progress=False, compile=True)
+    assert set(off["samplers"]) == {"teacher", "dd"}
+    assert on["samplers"]["dd+compile"]["sec_per_image"] == pytest.approx(0.1 + DECODE)
+
+
+def test_bench_samplers_writes_json_with_machine_and_extra(clock, tmp_path):
+    teacher = FakeTeacher(clock)
+    samplers = [TeacherSampler(teacher, SamplingParams()), FakeStudent("dd1-1step", teacher, 0.02)]
+    calls = []
+    res = bench_samplers(
+        samplers,
+        BenchParams(throughput_batch=4, repeats=2, warmup=0, cases=["world"]),
+        tmp_path,
+        extra={"train_steps_per_s": lambda: calls.append(1) or 12.5, "trajectories_per_s": 3.0},
+        progress=False,
+    )
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert on_disk["cases"]["world"]["samplers"]["dd1-1step"]["speedup"] == pytest.approx(
+        res["cases"]["world"]["samplers"]["dd1-1step"]["speedup"]
+    )
+    assert on_disk["extra"] == {"train_steps_per_s": 12.5, "trajectories_per_s": 3.0} and calls == [1]
+    for k in ("cpu_model", "cpu_cores", "torch", "cuda_device"):
+        assert k in on_disk["machine"]
+    ev = {"samplers": {"teacher": {"steps": L, "fid": 5.0}, "dd1-1step": {"steps": 1, "fid": 9.0}}}
+    table = render_results_table(ev, tmp_path / "bench.json")
+    speed = on_disk["cases"]["world"]["samplers"]["dd1-1step"]["speedup"]
+    assert f"{speed:.1f}×" in table
+
+
+def test_peak_memory_sees_a_large_cpu_allocation():
+    with peak_memory("cpu") as mem:
+        x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MB, touched
+        del x
+    assert mem["peak_mem_kind"] == "cpu_rss_sampled"
+    assert mem["peak_mem_mb"] > 128
+
+
+def test_machine_info_describes_this_machine():
+    info = machine_info()
+    assert info["torch"] == torch.__version__ and info["cpu_cores"] >= 1
+
+
+def test_real_small_llamagen_teacher_runs_through_bench():
+    from ddcore.models.llamagen import GPT, GPTConfig
+    from ddcore.models.vq import VQConfig, VQModel
+    from ddcore.teachers.llamagen import LlamaGenTeacher
+
+    gpt = GPT(
+        GPTConfig(dim=32, n_layer=1, n_head=2, multiple_of=16, vocab_size=32, num_classes=3, block_size=16)
+    )
+    vq = VQModel(
+        VQConfig(
+            codebook_size=32,
+            encoder_ch_mult=(1, 2),
+            decoder_ch_mult=(1, 2),
+            z_channels=32,
+            ch=32,
+            num_res_blocks=1,
+        )
+    )
+    teacher = LlamaGenTeacher(gpt.eval(), vq.eval(), num_classes=3, image_size=8)
+    case = bench_case(
+        [TeacherSampler(teacher, SamplingParams(cfg_scale=2.0))], "small", (1, 2), 1, 1, progress=False
+    )
+    t = case["samplers"]["teacher"]
+    assert t["sec_per_image"] > 0 and 0 < t["decode_share"] < 1 and t["speedup"] == 1.0
+    assert case["teacher"]["ms_per_token_b1"] > 0 and case["teacher"]["seq_len"] == 16
