@@ -73,7 +73,8 @@ def grid_plan(num_classes: int, columns: int, seed: int) -> tuple[Tensor, list[i
 def build_reference(
     eval_params: EvalParams, extractor, world: TinyWorldParams | None = None, n: int | None = None
 ) -> Reference:
-    """The reference named by `eval.reference`: 'world' (held-out tiny-world images) or a path."""
+    """The reference named by `eval.reference`: 'world' (held-out tiny-world images) or a path
+    (npz of images and/or mu/sigma, .pth statistics, or an image folder; relative to the project)."""
     if eval_params.reference == "world":
         if world is None:
             raise EvaluationUnavailable("eval.reference='world' needs the preset's teacher.world parameters")
@@ -85,7 +86,12 @@ def build_reference(
             seed=world.seed,
             batch_size=eval_params.batch_size,
         )
-    return load_reference(eval_params.reference, extractor, batch_size=eval_params.batch_size)
+    path = Path(eval_params.reference)
+    if not path.is_absolute() and not path.exists():
+        from ddcore.settings import get_settings
+
+        path = get_settings().project_root / path  # params.yaml paths are relative to the project
+    return load_reference(path, extractor, batch_size=eval_params.batch_size)
 
 
 def _find_teacher_sampler(samplers: Sequence) -> object | None:
