@@ -472,32 +472,40 @@ def build_samplers(preset: Preset, teacher, student_dir: Path, names: Sequence[s
 # --------------------------------------------------------------------------------------------
 # stage 4: evaluate
 # --------------------------------------------------------------------------------------------
-def evaluate_stage(preset_name: str, preset: Preset, layout: Layout | None = None) -> dict:
-    """FID / IS / precision / recall per sampler against the reference; grids; FID vs steps."""
+def evaluate_stage(preset_name: str, preset: Preset, layout: Layout | None = None, progress: bool = True) -> dict:
+    """FID / IS / precision / recall / KID / NLL per sampler against the reference; grids; FID vs
+    steps. Writes metrics/<preset>/eval.json (+ grid_*.png, fid_vs_steps.png, fid_vs_steps.csv)."""
     layout = layout or layout_for(preset_name)
     fp = stage_fingerprint(layout, preset, "evaluate")
     if m := _complete(layout, "evaluate", fp):
         log.info("evaluate[%s]: complete, skipping", preset_name)
         return m.result
     evaluate = _piece("ddcore.eval.evaluate", "evaluate_samplers", "the evaluate stage")
+    build_reference = _piece("ddcore.eval.evaluate", "build_reference", "the evaluate stage")
     teacher, evaluator = load_teacher(preset, layout.teacher_dir)
+    if evaluator is None:  # published teachers are scored with the TF-FID Inception
+        evaluator = _piece("ddcore.eval.fidelity", "inception_extractor", "ImageNet evaluation")()
+    as_extractor = _piece("ddcore.eval.fidelity", "as_extractor", "the evaluate stage")
+    extractor = as_extractor(evaluator).to(teacher.device)
+    ref = build_reference(preset.eval, extractor, world=preset.teacher.world)
     samplers = build_samplers(preset, teacher, layout.student_dir)
-    ref = _reference(preset, layout)
     layout.metrics_dir.mkdir(parents=True, exist_ok=True)
     layout.eval_json.unlink(missing_ok=True)  # never mistake a stale file for this run's
-    result = evaluate(samplers, teacher, evaluator, ref, preset.eval, layout.metrics_dir)
-    if not layout.eval_json.is_file():
-        atomic_write_json(layout.eval_json, _jsonable(result))
-    write_fid_curve(json.loads(layout.eval_json.read_text()), layout.fid_curve)
-    return _finish(layout, "evaluate", fp, _jsonable(result), [layout.eval_json, layout.fid_curve])
-
-
-def _reference(preset: Preset, layout: Layout) -> Any:
-    """'world' = the tiny world's own reference set (in the teacher dir); else an npz/stats path."""
-    if preset.eval.reference == "world":
-        return layout.teacher_dir
-    p = Path(preset.eval.reference)
-    return p if p.is_absolute() else layout.project_root / p
+    evaluate(
+        samplers,
+        teacher,
+        evaluator,
+        ref,
+        preset.eval,
+        layout.metrics_dir,
+        sampling=preset.teacher.sampling,
+        teacher_name=preset.teacher.name,
+        progress=progress,
+    )
+    result = json.loads(layout.eval_json.read_text())
+    write_fid_curve(result, layout.fid_curve)
+    summary = {"samplers": result.get("samplers", {}), "reference": result.get("reference")}
+    return _finish(layout, "evaluate", fp, _jsonable(summary), [layout.eval_json, layout.fid_curve])
 
 
 def sampler_rows(eval_result: dict) -> list[dict]:
@@ -602,7 +610,7 @@ def run_pipeline(
         elif s == "distill":
             out[s] = distill_stage(preset_name, preset, layout)
         elif s == "evaluate":
-            out[s] = evaluate_stage(preset_name, preset, layout)
+            out[s] = evaluate_stage(preset_name, preset, layout, progress=progress)
         elif s == "bench":
             out[s] = bench_stage(preset_name, preset, layout)
         elif s == "register":
