@@ -163,9 +163,9 @@ def _dispatch(args: argparse.Namespace, preset: Preset, layout, progress: bool):
     if cmd == "distill":
         return stages.distill_stage(name, preset, layout)
     if cmd == "evaluate":
-        return stages.evaluate_stage(name, preset, layout)
+        return stages.evaluate_stage(name, preset, layout, progress=progress)
     if cmd == "bench":
-        return stages.bench_stage(name, preset, layout)
+        return stages.bench_stage(name, preset, layout, progress=progress)
     if cmd == "register":
         return stages.register_stage(name, preset, layout, flow_run_id=args.flow_run_id)
     if cmd == "pipeline":

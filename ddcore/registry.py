@@ -227,8 +227,11 @@ def headline_sampler(preset: Preset) -> str:
 
 
 def headline_scores(preset: Preset, eval_result: dict, bench_result: dict) -> tuple[str, Scores, dict]:
+    from ddcore.stages import bench_rows
+
     name = headline_sampler(preset)
-    ev, be = _rows(eval_result).get(name), _rows(bench_result).get(name)
+    ev = _rows(eval_result).get(name)
+    be = {str(r["sampler"]): r for r in bench_rows(bench_result, preset)}.get(name)
     if ev is None or be is None:
         raise KeyError(f"sampler {name!r} is missing from {'eval.json' if ev is None else 'bench.json'}")
     fid, spi = _number(ev, "fid"), _number(be, *SEC_PER_IMAGE_KEYS)
@@ -530,7 +533,8 @@ def register_student(
         mlflow.log_dict(preset.model_dump(mode="json"), "config/preset.json")
         n_train = _log_train_curve(client, run_id, layout.train_log)
         _log_table_metrics(client, run_id, "eval", _rows(eval_result))
-        _log_table_metrics(client, run_id, "bench", _rows(bench_result))
+        for case, data in (bench_result.get("cases") or {"": bench_result}).items():
+            _log_table_metrics(client, run_id, f"bench/{case}".rstrip("/"), _rows(data))
         mlflow.log_metrics({"fid": scores.fid, "sec_per_image": scores.sec_per_image})
         for p in _metric_files(layout.metrics_dir):
             rel = p.parent.relative_to(layout.metrics_dir)

@@ -533,7 +533,7 @@ def write_fid_curve(eval_result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # stage 5: benchmark
 # --------------------------------------------------------------------------------------------
-def bench_stage(preset_name: str, preset: Preset, layout: Layout | None = None) -> dict:
+def bench_stage(preset_name: str, preset: Preset, layout: Layout | None = None, progress: bool = True) -> dict:
     """Latency (s/image at batch 1) and throughput (images/s) of every sampler on this machine."""
     layout = layout or layout_for(preset_name)
     fp = stage_fingerprint(layout, preset, "bench")
@@ -545,10 +545,24 @@ def bench_stage(preset_name: str, preset: Preset, layout: Layout | None = None) 
     samplers = build_samplers(preset, teacher, layout.student_dir)
     layout.metrics_dir.mkdir(parents=True, exist_ok=True)
     layout.bench_json.unlink(missing_ok=True)
-    result = bench(samplers, preset.bench, layout.metrics_dir)
-    if not layout.bench_json.is_file():
-        atomic_write_json(layout.bench_json, _jsonable(result))
-    return _finish(layout, "bench", fp, _jsonable(result), [layout.bench_json])
+    bench(samplers, preset.bench, layout.metrics_dir, progress=progress)
+    result = json.loads(layout.bench_json.read_text())
+    summary = {"case": own_bench_case(preset), "samplers": {r["sampler"]: r for r in bench_rows(result, preset)}}
+    return _finish(layout, "bench", fp, _jsonable(summary), [layout.bench_json])
+
+
+def own_bench_case(preset: Preset) -> str:
+    """The bench.json case that times this preset's own samplers (others are random-weight cases)."""
+    random_cases = _piece("ddcore.eval.bench", "RANDOM_CASES", "the bench stage")
+    own = [c for c in preset.bench.cases if c not in random_cases]
+    return own[0] if own else "preset"
+
+
+def bench_rows(bench_result: dict, preset: Preset) -> list[dict]:
+    """The per-sampler rows of this preset's own case in bench.json."""
+    if "cases" in bench_result:
+        return sampler_rows(bench_result["cases"].get(own_bench_case(preset), {}))
+    return sampler_rows(bench_result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,7 +626,7 @@ def run_pipeline(
         elif s == "evaluate":
             out[s] = evaluate_stage(preset_name, preset, layout, progress=progress)
         elif s == "bench":
-            out[s] = bench_stage(preset_name, preset, layout)
+            out[s] = bench_stage(preset_name, preset, layout, progress=progress)
         elif s == "register":
             out[s] = register_stage(preset_name, preset, layout)
         log.info("%s[%s] done in %.1f s", s, preset_name, time.perf_counter() - t0)

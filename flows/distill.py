@@ -102,9 +102,9 @@ def _fmt(v: Any) -> Any:
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
-def publish_artifacts(preset_name: str, eval_result: dict, bench_result: dict, reg: dict) -> None:
+def publish_artifacts(preset_name: str, preset: Preset, eval_result: dict, bench_result: dict, reg: dict) -> None:
     """Metrics table, a markdown summary with the promotion decision, and a link to the MLflow run."""
-    bench_rows = {str(r.get("sampler")): r for r in stages.sampler_rows(bench_result)}
+    bench_rows = {str(r.get("sampler")): r for r in stages.bench_rows(bench_result, preset)}
     table = []
     for r in stages.sampler_rows(eval_result):
         b = bench_rows.get(str(r.get("sampler")), {})
@@ -164,7 +164,7 @@ def distill(preset: str = "tiny", overrides: list[str] | None = None, parallel_s
     be_result = bench(preset, p)  # after evaluate: timings on an otherwise idle device
     run_id = str(flow_run.id) if flow_run.id else None
     reg = register(preset, p, run_id, flow_run.ui_url if run_id else None)
-    publish_artifacts(preset, ev_result, be_result, reg)
+    publish_artifacts(preset, p, ev_result, be_result, reg)
     return {"preset": preset, "registered": reg}
 
 
