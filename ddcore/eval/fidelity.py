@@ -186,8 +186,11 @@ def inception_extractor(
     return ext.eval().requires_grad_(False)
 
 
-def as_extractor(evaluator: nn.Module | FeatureExtractorBase) -> FeatureExtractorBase:
-    """Accept a ready torch-fidelity extractor, or wrap a tiny-world evaluator network."""
+def as_extractor(evaluator: nn.Module | FeatureExtractorBase | None) -> FeatureExtractorBase:
+    """Accept a ready torch-fidelity extractor, wrap a tiny-world evaluator network, or (None)
+    load the ImageNet Inception."""
+    if evaluator is None:
+        return inception_extractor()
     if isinstance(evaluator, FeatureExtractorBase):
         return evaluator
     if hasattr(evaluator, "features"):
