@@ -270,3 +270,13 @@ def test_load_named_teacher_offline_fails_before_building(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="c2i_L_384.pt"):
         load_llamagen_teacher("llamagen-l-384", settings=Settings(cache_dir=tmp_path))
+
+
+def test_teacher_forced_probs_are_chunk_independent():
+    t = make_teacher()
+    tokens = torch.randint(0, 48, (5, 16))
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    params = SamplingParams(cfg_scale=2.0, top_p=0.9)
+    whole = t.teacher_forced_probs(tokens, labels, params)
+    t.forced_chunk = 2
+    assert torch.allclose(t.teacher_forced_probs(tokens, labels, params), whole, atol=1e-6)

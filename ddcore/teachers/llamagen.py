@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class LlamaGenState(StepState):
 
 class LlamaGenTeacher(Teacher):
     family = "llamagen"
+    forced_chunk = 16  # rows per full forward in teacher_forced_probs
 
     def __init__(
         self,
@@ -183,8 +184,14 @@ class LlamaGenTeacher(Teacher):
 
     @torch.no_grad()
     def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
-        logits = self.teacher_forced_logits(tokens, labels, params)
-        return logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
+        """(B, T, V) fp32; computed `forced_chunk` rows at a time to bound the (2B, T, V) logits."""
+        out = []
+        for i in range(0, tokens.shape[0], self.forced_chunk):
+            logits = self.teacher_forced_logits(
+                tokens[i : i + self.forced_chunk], labels[i : i + self.forced_chunk], params
+            )
+            out.append(logits_to_probs(logits, params.temperature, params.top_k, params.top_p))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     # --- decoding -------------------------------------------------------------------------------
     def _to_unit(self, x: Tensor) -> Tensor:
@@ -303,6 +310,11 @@ def cfg_name(cfg: GPTConfig) -> str:
     raise ValueError(f"no published config with dim {cfg.dim}, {cfg.n_layer} layers")
 
 
+def _known_fields(cls, d: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 def build_llamagen_teacher_from_dir(
     directory: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -310,20 +322,19 @@ def build_llamagen_teacher_from_dir(
 ) -> LlamaGenTeacher:
     """Load our own `gpt.safetensors/gpt.json` + `vq.safetensors/vq.json` (e.g. the tiny world).
 
-    gpt.json holds the GPTConfig dict plus `num_classes` and `image_size` (either at the top level
-    or under "config"); vq.json holds the VQConfig dict (likewise).
+    gpt.json holds the GPTConfig fields plus `image_size` (at the top level or under "config");
+    vq.json holds the VQConfig fields (likewise). Other keys are metadata and are ignored.
     """
     d = Path(directory)
     gj, vj = load_model_config(d / "gpt"), load_model_config(d / "vq")
-    gcfg_d = dict(gj.get("config", gj))
-    extra_keys = ("num_classes", "image_size", "family", "kind", "name")
-    image_size = gj.get("image_size", gcfg_d.get("image_size"))
+    gcfg_d = {**gj, **gj.get("config", {})}
+    image_size = gcfg_d.get("image_size")
     if image_size is None:
         raise CheckpointError(f"{d / 'gpt.json'}: 'image_size' missing")
-    gcfg = GPTConfig.from_dict({k: v for k, v in gcfg_d.items() if k not in extra_keys or k == "num_classes"})
-    num_classes = int(gj.get("num_classes", gcfg.num_classes))
-    vcfg_d = dict(vj.get("config", vj))
-    vcfg = VQConfig.from_dict({k: v for k, v in vcfg_d.items() if k not in extra_keys})
+    # extra metadata (image_size, training stats, ...) may sit beside the config fields
+    gcfg = GPTConfig.from_dict(_known_fields(GPTConfig, gcfg_d))
+    num_classes = int(gcfg_d.get("num_classes", gcfg.num_classes))
+    vcfg = VQConfig.from_dict(_known_fields(VQConfig, {**vj, **vj.get("config", {})}))
     gpt = load_llamagen_gpt(d / "gpt.safetensors", gcfg, device=device, dtype=dtype, what=f"GPT from {d}")
     vq = load_llamagen_vq(d / "vq.safetensors", vcfg, device=device)
     if math.isqrt(gcfg.block_size) * vq.downsample != int(image_size):
