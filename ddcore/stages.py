@@ -213,7 +213,14 @@ def stage_fingerprint(layout: Layout, preset: Preset, stage: str) -> str:
             stage, _upstream(layout, "distill"), p["teacher"]["sampling"], p["bench"], p["eval"]["samplers"]
         )
     if stage == "register":
-        return fingerprint(stage, _upstream(layout, "evaluate"), _upstream(layout, "bench"), p["promote"])
+        # a different tracking store is a different registration
+        return fingerprint(
+            stage,
+            _upstream(layout, "evaluate"),
+            _upstream(layout, "bench"),
+            p["promote"],
+            layout.tracking_uri,
+        )
     raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
 
 
@@ -334,9 +341,19 @@ def load_teacher(preset: Preset, teacher_dir: Path, device: str | None = None):
     if info["kind"] == "llamagen":
         load = _piece("ddcore.teachers.llamagen", "load_llamagen_teacher", "loading the LlamaGen teacher")
 
-        def path(part: str) -> str:  # relative paths (a registered model's copy) live next to teacher.json
+        def path(part: str) -> str:
+            """Relative paths (a registered model's copy) live next to teacher.json; an absolute
+            path from another machine's cache is re-resolved from the source and re-verified."""
             p = Path(info[part]["path"])
-            return str(p if p.is_absolute() else teacher_dir / p)
+            p = p if p.is_absolute() else teacher_dir / p
+            if not p.is_file():
+                resolve_source = _piece("ddcore.sources", "resolve_source", "the LlamaGen teacher")
+                p = Path(with_retries(lambda: resolve_source(info[part]["source"]), f"resolving {part}"))
+                if sha256_file(p) != info[part]["sha256"]:
+                    raise RuntimeError(
+                        f"{p}: sha256 differs from the one recorded in {teacher_dir}/teacher.json"
+                    )
+            return str(p)
 
         teacher = load(preset.teacher.name, vq_path=path("vq"), source=path("gpt"), device=device)
         return teacher, None
@@ -388,7 +405,7 @@ def generate_trajectories_stage(
         shard_ids=list(shard_ids) if shard_ids is not None else None,
         progress=progress,
     )
-    result = {"dir": str(layout.traj_dir), "manifest": _manifest_summary(manifest)}
+    result = {"manifest": _manifest_summary(manifest)}  # no absolute paths: this lands in a DVC output
     if shard_ids is not None:
         return result  # partial work; the all-shards call marks the stage complete
     return _finish(layout, "trajectories", fp, result)
@@ -433,7 +450,7 @@ def distill_stage(
         teacher, layout.traj_dir, preset.student, preset.train, layout.student_dir, resume=True, log_fn=log_fn
     )
     _copy_train_log(layout)
-    result = {"dir": str(layout.student_dir), "summary": _jsonable(out) if isinstance(out, dict) else None}
+    result = {"summary": _jsonable(out) if isinstance(out, dict) else None}
     result["final"] = last_train_row(layout.train_log)
     return _finish(layout, "distill", fp, result)
 
@@ -472,7 +489,9 @@ def build_samplers(preset: Preset, teacher, student_dir: Path, names: Sequence[s
 # --------------------------------------------------------------------------------------------
 # stage 4: evaluate
 # --------------------------------------------------------------------------------------------
-def evaluate_stage(preset_name: str, preset: Preset, layout: Layout | None = None, progress: bool = True) -> dict:
+def evaluate_stage(
+    preset_name: str, preset: Preset, layout: Layout | None = None, progress: bool = True
+) -> dict:
     """FID / IS / precision / recall / KID / NLL per sampler against the reference; grids; FID vs
     steps. Writes metrics/<preset>/eval.json (+ grid_*.png, fid_vs_steps.png, fid_vs_steps.csv)."""
     layout = layout or layout_for(preset_name)
@@ -502,10 +521,30 @@ def evaluate_stage(preset_name: str, preset: Preset, layout: Layout | None = Non
         teacher_name=preset.teacher.name,
         progress=progress,
     )
-    result = json.loads(layout.eval_json.read_text())
+    result = _collect_grids(layout)
     write_fid_curve(result, layout.fid_curve)
     summary = {"samplers": result.get("samplers", {}), "reference": result.get("reference")}
     return _finish(layout, "evaluate", fp, _jsonable(summary), [layout.eval_json, layout.fid_curve])
+
+
+def _collect_grids(layout: Layout) -> dict:
+    """Move the per-sampler grids into metrics/<preset>/grids/ (one DVC plots folder whatever the
+    sampler list) and point eval.json at them."""
+    result = json.loads(layout.eval_json.read_text())
+    grids_dir = layout.metrics_dir / "grids"
+    if grids_dir.exists():
+        shutil.rmtree(grids_dir)
+    grids_dir.mkdir(parents=True)
+    moved = {}
+    for name, fname in (result.get("grids") or {}).items():
+        src = layout.metrics_dir / fname
+        if src.is_file():
+            src.replace(grids_dir / src.name)
+            moved[name] = f"grids/{src.name}"
+    if moved:
+        result["grids"] = moved
+        atomic_write_json(layout.eval_json, result)
+    return result
 
 
 def sampler_rows(eval_result: dict) -> list[dict]:
@@ -533,7 +572,9 @@ def write_fid_curve(eval_result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # stage 5: benchmark
 # --------------------------------------------------------------------------------------------
-def bench_stage(preset_name: str, preset: Preset, layout: Layout | None = None, progress: bool = True) -> dict:
+def bench_stage(
+    preset_name: str, preset: Preset, layout: Layout | None = None, progress: bool = True
+) -> dict:
     """Latency (s/image at batch 1) and throughput (images/s) of every sampler on this machine."""
     layout = layout or layout_for(preset_name)
     fp = stage_fingerprint(layout, preset, "bench")
@@ -547,7 +588,10 @@ def bench_stage(preset_name: str, preset: Preset, layout: Layout | None = None, 
     layout.bench_json.unlink(missing_ok=True)
     bench(samplers, preset.bench, layout.metrics_dir, progress=progress)
     result = json.loads(layout.bench_json.read_text())
-    summary = {"case": own_bench_case(preset), "samplers": {r["sampler"]: r for r in bench_rows(result, preset)}}
+    summary = {
+        "case": own_bench_case(preset),
+        "samplers": {r["sampler"]: r for r in bench_rows(result, preset)},
+    }
     return _finish(layout, "bench", fp, _jsonable(summary), [layout.bench_json])
 
 

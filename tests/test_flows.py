@@ -1,0 +1,191 @@
+"""The Prefect flow end to end on a real Prefect server (loopback), a process work pool and a worker.
+
+One server per session. The deployment `distill/tiny` from prefect.yaml is deployed as it would be
+in production and run with the `micro` preset; the flow run must complete, publish its artifacts
+and register a model version that carries the flow-run id. The local entry point
+(`python -m flows.distill`, ephemeral API, no server) is run against the same data: its stages are
+already complete, so only the registration into a fresh tracking store does work.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from servers import BIN, ROOT, base_env, prefect_env, prefect_server, stop_process, tail
+
+pytestmark = pytest.mark.slow
+PRESET = "micro"
+POOL = "cpu-local"
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    with prefect_server(home) as srv:
+        yield {"url": srv.url, "home": home}
+
+
+def dd_env(root: Path, tracking: str) -> dict:
+    return {
+        "DD_DATA_ROOT": str(root / "data"),
+        "DD_MODEL_ROOT": str(root / "models"),
+        "DD_METRICS_ROOT": str(root / "metrics"),
+        "DD_CACHE_DIR": str(root / "cache"),
+        "DD_MLFLOW_TRACKING_URI": tracking,
+        "DD_DEVICE": "cpu",
+    }
+
+
+def run(cmd: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, (
+        f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    )
+    return p
+
+
+def prefect_client(api_url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Ctx:
+        def __enter__(self):
+            self._s = temporary_settings({PREFECT_API_URL: api_url})
+            self._s.__enter__()
+            self.client = get_client(sync_client=True)
+            return self.client.__enter__()
+
+        def __exit__(self, *exc):
+            self.client.__exit__(*exc)
+            self._s.__exit__(*exc)
+
+    return _Ctx()
+
+
+def registered_versions(tracking: str, name: str) -> list:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking, registry_uri=tracking).search_model_versions(f"name='{name}'")
+
+
+@pytest.fixture(scope="session")
+def deployed_run(prefect_api, tmp_path_factory):
+    """Deploy distill/tiny, start a worker, run the deployment with the micro preset."""
+    work = tmp_path_factory.mktemp("flow-run")
+    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    env = base_env(**prefect_env(prefect_api["home"], prefect_api["url"]), **dd_env(work, tracking))
+    prefect = str(BIN / "prefect")
+    run([prefect, "work-pool", "create", POOL, "--type", "process"], env, 120)
+    out = run([prefect, "--no-prompt", "deploy", "--name", "tiny"], env, 180).stdout
+    assert "distill/tiny" in out
+
+    log = work / "worker.log"
+    with open(log, "wb") as fh:
+        worker = subprocess.Popen(
+            [prefect, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1"],
+            env=env,
+            cwd=ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run(
+            [prefect, "deployment", "run", "distill/tiny", "--param", f"preset={PRESET}", "--watch",
+             "--watch-interval", "5", "--watch-timeout", "1500"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=1600,
+        )  # fmt: skip
+        seconds = time.monotonic() - t0
+    finally:
+        stop_process(worker, grace=20)
+    flow_run_id = None
+    for line in p.stdout.splitlines():
+        if "UUID:" in line:
+            flow_run_id = line.split("UUID:")[1].strip()
+    assert flow_run_id, f"no flow run id in:\n{p.stdout}\n{p.stderr}\nworker log:\n{tail(log, 200)}"
+    return {
+        "id": flow_run_id,
+        "cli": p,
+        "seconds": seconds,
+        "work": work,
+        "tracking": tracking,
+        "env": env,
+        "worker_log": log,
+    }
+
+
+def test_deployment_run_completes_and_registers(deployed_run, prefect_api):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    r = deployed_run
+    with prefect_client(prefect_api["url"]) as client:
+        fr = client.read_flow_run(r["id"])
+        assert fr.state.is_completed(), (
+            f"flow run ended {fr.state.type}: {fr.state.message}\n{r['cli'].stdout[-3000:]}\n"
+            f"worker log:\n{tail(r['worker_log'], 200)}"
+        )
+        assert fr.parameters["preset"] == PRESET
+        dep = client.read_deployment(fr.deployment_id)
+        assert dep.name == "tiny" and dep.work_pool_name == POOL
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id]))
+        )
+    kinds = {a.type for a in arts}
+    assert {"table", "markdown", "link"} <= kinds, kinds
+    link = next(a for a in arts if a.type == "link")
+    assert "experiments/" in str(link.data) and "runs/" in str(link.data)
+    md = next(a for a in arts if a.type == "markdown").data
+    assert "dd-micro" in md and ("champion" in md or "challenger" in md)
+
+    versions = registered_versions(r["tracking"], "dd-micro")
+    assert len(versions) == 1
+    v = versions[0]
+    assert v.tags["prefect_flow_run_id"] == r["id"]
+    assert v.tags["teacher"] == "micro" and v.tags["method"] == "dd1"
+    assert "champion" in v.aliases and "challenger" in v.aliases  # first version: no champion to beat
+    metrics = json.loads((r["work"] / "metrics" / PRESET / "eval.json").read_text())
+    assert "teacher" in metrics["samplers"]
+    print(f"deployment run of the micro preset: {r['seconds']:.0f} s")
+
+
+def test_local_entry_point_runs_without_a_server(deployed_run, tmp_path):
+    """`python -m flows.distill --preset micro` with no API URL: an ephemeral API in a subprocess.
+    The data of the deployment run is reused (every stage skips), the registration goes to a new
+    store, so the run proves the flow executes locally and registers, in seconds not minutes."""
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = base_env(**dd_env(deployed_run["work"], tracking))
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    }
+    t0 = time.monotonic()
+    p = run([str(BIN / "python"), "-m", "flows.distill", "--preset", PRESET], env, 600)
+    seconds = time.monotonic() - t0
+    out = p.stdout + p.stderr
+    assert "Finished in state Completed" in out, out[-3000:]
+    assert "complete, skipping" in out or "Completed" in out
+    (v,) = registered_versions(tracking, "dd-micro")
+    assert "prefect_flow_run_id" in v.tags
+    print(f"local flow run on completed stages: {seconds:.0f} s")
+
+
+def test_bad_params_fail_the_flow_before_any_work(prefect_api, tmp_path):
+    env = base_env(**dd_env(tmp_path, f"sqlite:///{tmp_path / 'm.db'}"))
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": prefect_api["url"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    p = subprocess.run(
+        [str(BIN / "python"), "-m", "flows.distill", "--preset", PRESET, "--set", "trajectories.num_pairs=-3"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode != 0
+    assert "presets.micro.trajectories.num_pairs" in p.stderr + p.stdout
+    assert not (tmp_path / "models" / PRESET).exists(), "no stage may start with invalid params"
