@@ -117,7 +117,8 @@ def _image_metrics(run: SamplerRun, ref: Reference, labels: Tensor, labels_match
     out = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma)}
     out["is"], out["is_std"] = inception_score(run.logits, splits=is_splits(run.n))
     if ref.features is not None:
-        out["precision"], out["recall"] = precision_recall(run.features, ref.features)
+        dev = "cuda" if torch.cuda.is_available() else None
+        out["precision"], out["recall"] = precision_recall(run.features, ref.features, device=dev)
         out["kid"], out["kid_std"] = kernel_inception_distance(run.features, ref.features, **kid_kw)
     else:
         out.update(precision=None, recall=None, kid=None, kid_std=None)
