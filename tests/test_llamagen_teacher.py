@@ -280,3 +280,17 @@ def test_teacher_forced_probs_are_chunk_independent():
     whole = t.teacher_forced_probs(tokens, labels, params)
     t.forced_chunk = 2
     assert torch.allclose(t.teacher_forced_probs(tokens, labels, params), whole, atol=1e-6)
+
+
+def test_published_file_name_selects_config_and_block_size(tmp_path):
+    # tiny weights under a published name: the registry picks GPT-B with 24x24 tokens, and the strict
+    # load names the mismatch (the model is built on the meta device, so nothing big is allocated)
+    path = tmp_path / "c2i_B_384.pt"
+    torch.save({"model": small_gpt().state_dict()}, path)
+    vq_path = tmp_path / "vq.pt"
+    torch.save({"model": small_vq().state_dict()}, vq_path)
+    with pytest.raises(CheckpointError) as err:
+        load_llamagen_teacher(str(path), str(vq_path))
+    msg = str(err.value)
+    assert "LlamaGen GPT-B (c2i_B_384.pt, block_size 576)" in msg
+    assert "checkpoint dim 64" in msg and "model has dim 768" in msg

@@ -267,47 +267,44 @@ def load_llamagen_teacher(
             info = llamagen_info_from_filename(name_or_gpt_path)
         except ValueError:
             info = None
-    gpt_src = source or (
-        info.source if info is not None and name_or_gpt_path == info.name else name_or_gpt_path
-    )
     if gpt_model is None and info is None:
         raise ValueError(
             f"{name_or_gpt_path!r} is not a known LlamaGen checkpoint; pass gpt_model= and image_size="
         )
-    cfg = gpt_model if isinstance(gpt_model, GPTConfig) else gpt_config(gpt_model or info.config)
+    is_name = info is not None and name_or_gpt_path == info.name
+    gpt_src = source or (info.source if is_name else name_or_gpt_path)
+    tok_info = get_checkpoint(info.tokenizer) if info is not None and info.tokenizer else None
+    vq_src = vq_path or (tok_info.source if tok_info else get_checkpoint("vq-ds16-c2i").source)
+    if isinstance(vq_model, VQConfig):
+        vq_cfg = vq_model
+    else:
+        vq_cfg = VQ_CONFIGS[vq_model or (tok_info.config if tok_info and tok_info.config else "VQ-16")]
+
     size = image_size or (info.image_size if info else None)
     if size is None:
         raise ValueError("image_size is unknown; pass image_size=")
-    vq_cfg = vq_model if isinstance(vq_model, VQConfig) else VQ_CONFIGS[vq_model or "VQ-16"]
     block = (size // vq_cfg.downsample) ** 2
     if isinstance(gpt_model, GPTConfig):
-        ncls = num_classes or cfg.num_classes
-    else:
-        ncls = num_classes or (info.num_classes if info else 1000)
-    if isinstance(gpt_model, GPTConfig):
+        cfg = gpt_model
         if cfg.block_size != block:
             raise ValueError(
                 f"gpt_model.block_size {cfg.block_size} != (image_size/{vq_cfg.downsample})^2 = {block}"
             )
+        if num_classes is not None and num_classes != cfg.num_classes:
+            raise ValueError(f"num_classes={num_classes} but gpt_model.num_classes={cfg.num_classes}")
+        config_name = "GPT"
     else:
-        cfg = gpt_config(cfg_name(cfg), block_size=block, num_classes=ncls)
-    vq_src = vq_path or get_checkpoint(info.tokenizer if info and info.tokenizer else "vq-ds16-c2i").source
+        config_name = gpt_model or info.config
+        ncls = num_classes or (info.num_classes if info else 1000)
+        # the RoPE grid is not in the state dict: block_size always comes from the image size
+        cfg = gpt_config(config_name, block_size=block, num_classes=ncls)
 
     gpt_file = resolve_source(gpt_src, settings=settings)
     vq_file = resolve_source(vq_src, settings=settings)
-    label = f"LlamaGen {info.config if info else 'GPT'} ({Path(gpt_file).name}, block_size {cfg.block_size})"
+    label = f"LlamaGen {config_name} ({Path(gpt_file).name}, block_size {cfg.block_size})"
     gpt = load_llamagen_gpt(gpt_file, cfg, device=device, dtype=dtype, what=label)
     vq = load_llamagen_vq(vq_file, vq_cfg, device=device)
-    return LlamaGenTeacher(gpt, vq, num_classes=ncls, image_size=size)
-
-
-def cfg_name(cfg: GPTConfig) -> str:
-    from ddcore.models.llamagen import GPT_CONFIGS
-
-    for name, c in GPT_CONFIGS.items():
-        if (c.dim, c.n_layer, c.n_head) == (cfg.dim, cfg.n_layer, cfg.n_head):
-            return name
-    raise ValueError(f"no published config with dim {cfg.dim}, {cfg.n_layer} layers")
+    return LlamaGenTeacher(gpt, vq, num_classes=cfg.num_classes, image_size=size)
 
 
 def _known_fields(cls, d: dict) -> dict:
