@@ -502,8 +502,7 @@ def evaluate_stage(
     evaluate = _piece("ddcore.eval.evaluate", "evaluate_samplers", "the evaluate stage")
     build_reference = _piece("ddcore.eval.evaluate", "build_reference", "the evaluate stage")
     teacher, evaluator = load_teacher(preset, layout.teacher_dir)
-    if evaluator is None:  # published teachers are scored with the TF-FID Inception
-        evaluator = _piece("ddcore.eval.fidelity", "inception_extractor", "ImageNet evaluation")()
+    # the tiny world's judge, or (evaluator None: published teachers) the TF-FID Inception
     as_extractor = _piece("ddcore.eval.fidelity", "as_extractor", "the evaluate stage")
     extractor = as_extractor(evaluator).to(teacher.device)
     ref = build_reference(preset.eval, extractor, world=preset.teacher.world)
@@ -513,7 +512,7 @@ def evaluate_stage(
     evaluate(
         samplers,
         teacher,
-        evaluator,
+        extractor,
         ref,
         preset.eval,
         layout.metrics_dir,
