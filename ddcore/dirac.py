@@ -29,7 +29,9 @@ def safe_log(p: Tensor) -> Tensor:
     return torch.where(p > 0, p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.full_like(p, float("-inf")))
 
 
-def posterior_logits(x: Tensor, log_p: Tensor, codebook: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+def posterior_logits(
+    x: Tensor, log_p: Tensor, codebook: Tensor, alpha: Tensor | float, sigma: Tensor | float
+) -> Tensor:
     """Unnormalised log posterior over codebook entries, up to a per-row constant.
 
     x: (..., d); log_p: (..., V); codebook: (V, d); alpha, sigma: scalars or (...,) tensors.

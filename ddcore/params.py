@@ -177,7 +177,9 @@ def _format_errors(preset: str, err: ValidationError) -> str:
             msg = "unknown key (typo?)"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {msg}")
+        lines.append(
+            f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {msg}"
+        )
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from ddcore.params import SamplingParams
 from ddcore.sampling import MultinomialChooser, TokenChooser, sample_noise
 
 
-class StepState(ABC):
+class StepState:
     """Family-specific incremental decoding state (e.g. a KV cache). Opaque to shared code."""
 
 
