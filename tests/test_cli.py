@@ -1,0 +1,176 @@
+"""The `ddcore` console command: help everywhere, params validated before any work, real stages.
+
+Fast tests call `main()` in-process on a copy of params.yaml in a temp root; the stage tests reuse
+the session's micro pipeline (tests/micro_project.py) through the installed console script.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import yaml
+from micro_project import PRESET, MicroProject, micro_project
+from PIL import Image
+from servers import BIN, ROOT
+
+from ddcore import cli
+from ddcore.params import load_preset
+
+SUBCOMMANDS = (
+    "prepare",
+    "trajectories",
+    "distill",
+    "evaluate",
+    "bench",
+    "register",
+    "pipeline",
+    "sample",
+    "params",
+)
+
+
+@pytest.fixture
+def root(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def test_help_on_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    for sub in SUBCOMMANDS:
+        assert sub in top
+        with pytest.raises(SystemExit) as e:
+            cli.main([sub, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert f"usage: ddcore {sub}" in text and "--preset" in text and "--set" in text
+
+
+def test_console_script_is_installed():
+    p = subprocess.run([str(BIN / "ddcore"), "sample", "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "--sampler" in p.stdout and "--out" in p.stdout
+
+
+def test_params_prints_the_resolved_preset(root, capsys):
+    assert (
+        cli.main(["--root", str(root), "params", "--preset", PRESET, "--set", "train.steps=7", "--json"]) == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["train"]["steps"] == 7
+    assert data == load_preset(PRESET, root / "params.yaml", overrides={"train": {"steps": 7}}).model_dump(
+        mode="json"
+    )
+    assert cli.main(["--root", str(root), "--preset", PRESET, "params"]) == 0  # global --preset, YAML
+    assert yaml.safe_load(capsys.readouterr().out)[PRESET]["teacher"]["name"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.steps=-5", "presets.micro.train.steps"),
+        ("teacher.sampling.top_p=1.5", "presets.micro.teacher.sampling.top_p"),
+        ("teacher.name=llamagen-z", "allowed: tiny, micro"),
+        ("train.lrr=0.1", "presets.micro.train.lrr: unknown key"),
+        ("trainsteps", "must look like key.path=value"),
+    ],
+)
+def test_invalid_overrides_fail_before_any_work(root, capsys, override, expected):
+    code = cli.main(["--root", str(root), "distill", "--preset", PRESET, "--set", override])
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir()) == ["params.yaml"], "nothing may be created"
+
+
+def test_unknown_preset_lists_the_presets(root, capsys):
+    assert cli.main(["--root", str(root), "prepare", "--preset", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'" in err and "micro" in err and "tiny" in err
+
+
+def test_stage_without_its_input_says_what_to_run_first(root, capsys):
+    assert cli.main(["--root", str(root), "--quiet", "distill", "--preset", PRESET]) == 1
+    assert "stage 'trajectories'" in capsys.readouterr().err
+
+
+def test_bad_cli_arguments_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["trajectories", "--shards", "a,b"])
+    assert e.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# on the session's micro pipeline
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> MicroProject:
+    return micro_project(tmp_path_factory)
+
+
+def test_stages_are_idempotent(project):
+    """Every finished stage returns at once when called again with the same params."""
+    t0 = time.monotonic()
+    p = project.ddcore(
+        "-v", "pipeline", "--preset", PRESET, "--stages", "prepare,trajectories,distill,evaluate,bench"
+    )
+    seconds = time.monotonic() - t0
+    for s in ("prepare", "trajectories", "distill", "evaluate", "bench"):
+        assert f"{s}[{PRESET}]: complete, skipping" in p.stderr, p.stderr[-3000:]
+    assert seconds < 120, f"skipping five finished stages took {seconds:.0f} s"
+    summary = json.loads(p.stdout)
+    assert set(summary) == {"prepare", "trajectories", "distill", "evaluate", "bench"}
+
+
+def test_sample_teacher_and_student_to_png_and_npz(project, tmp_path):
+    preset = load_preset(PRESET, project.root / "params.yaml")
+    size = preset.teacher.world.image_size
+    png = tmp_path / "grid.png"
+    project.ddcore(
+        "--quiet",
+        "sample",
+        "--preset",
+        PRESET,
+        "--sampler",
+        "teacher",
+        "-n",
+        "6",
+        "--nrow",
+        "3",
+        "--out",
+        str(png),
+    )
+    w, h = Image.open(png).size
+    assert (w, h) == (3 * size + 4 * 2, 2 * size + 3 * 2)  # make_grid: 2-px padding around every tile
+
+    name = next(s for s in preset.eval.samplers if s.startswith("dd1"))
+    npz1, npz2 = tmp_path / "a.npz", tmp_path / "b.npz"
+    args = ["--quiet", "sample", "--preset", PRESET, "--sampler", name, "--labels", "0,1,1", "--seed", "40"]
+    out = json.loads(project.ddcore(*args, "--out", str(npz1)).stdout)
+    assert out["sampler"] == name and out["images"] == 3
+    project.ddcore(*args, "--out", str(npz2))
+    a, b = np.load(npz1), np.load(npz2)
+    assert a["images"].shape == (3, size, size, 3) and a["images"].dtype == np.uint8
+    assert list(a["labels"]) == [0, 1, 1] and list(a["seeds"]) == [40, 41, 42]
+    assert np.array_equal(a["images"], b["images"])  # seeded: reproducible
+
+
+def test_sample_rejects_labels_outside_the_classes(project, tmp_path):
+    p = project.ddcore(
+        "--quiet",
+        "sample",
+        "--preset",
+        PRESET,
+        "--labels",
+        "999",
+        "--out",
+        str(tmp_path / "x.png"),
+        check=False,
+    )
+    assert p.returncode != 0 and "outside [0," in p.stderr
