@@ -214,8 +214,9 @@ def test_next_input_chain_matches_teacher_forcing_input():
 
 def test_vqvae_training_forward_has_gradients():
     vq = small_vqvae().train()
-    rec, loss = vq(random_images(2))
+    rec, loss, idx = vq(random_images(2))
     assert rec.shape == (2, 3, 8, 8) and loss.ndim == 0
+    assert [tuple(i.shape) for i in idx] == [(2, p * p) for p in PATCH_NUMS]
     loss.add(rec.square().mean()).backward()
     for name in (
         "quantize.embedding.weight",

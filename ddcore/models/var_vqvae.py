@@ -442,12 +442,12 @@ class VQVAE(nn.Module):
         return self.vectors_to_var_input([self.quantize.embedding(i) for i in self._as_pyramid(idx)])
 
     # --- training forward (straight-through), used by the tiny world ------------------------
-    def forward(self, x: Tensor, beta: float = 0.25) -> tuple[Tensor, Tensor]:
-        """(reconstruction, VQ loss) for training a small VQVAE the way the original does: the loss
-        averages, over scales, beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2, and the decoder
-        sees f_hat through a straight-through estimator."""
+    def forward(self, x: Tensor, beta: float = 0.25) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """(reconstruction, VQ loss, index pyramid) for training a small VQVAE the way the original
+        does: the loss averages, over scales, beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2,
+        and the decoder sees f_hat through a straight-through estimator."""
         f = self.img_to_f(x).float()
-        _, f_hats = self._residual_quantize(f)
+        idx, f_hats = self._residual_quantize(f)
         vq_loss = sum(beta * F.mse_loss(fh.detach(), f) + F.mse_loss(fh, f.detach()) for fh in f_hats)
         f_st = f + (f_hats[-1] - f).detach()
-        return self.decoder(self.post_quant_conv(f_st)), vq_loss / len(f_hats)
+        return self.decoder(self.post_quant_conv(f_st)), vq_loss / len(f_hats), idx

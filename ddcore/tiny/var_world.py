@@ -1,0 +1,412 @@
+"""The tiny world with a VAR teacher: a small multi-scale VQVAE and a small VAR trained offline.
+
+Same procedural data as the LlamaGen tiny world (`ddcore.tiny.data`), same judge network
+(`ddcore.tiny.evaluator`), but the teacher is next-scale: 32 x 32 images, a 4x-downsampling VQVAE
+(ch_mult (1, 2, 2)) to an 8 x 8 latent, pyramid (1, 2, 3, 4, 6, 8) = 130 tokens in 6 AR steps.
+
+Training follows the original recipe at small scale:
+  * VQVAE: MSE reconstruction + the multi-scale VQ loss (`VQVAE.forward`); no perceptual or GAN
+    loss (the tiny images are flat colour fields). The codebook starts from latent vectors of
+    the data and unused codes are restarted from current residuals, which a small residual VQ
+    needs to use more than a handful of codes;
+  * VAR: cross-entropy over all 130 positions with teacher forcing, labels dropped to the null class
+    with `class_dropout_prob` (for CFG), AdamW with warmup + cosine, the original's init (AdaLN gammas
+    near zero, small head).
+
+Artefacts in `out/`: `vqvae.{safetensors,json}`, `var.{safetensors,json}` (loadable with
+`ddcore.teachers.var.build_var_teacher_from_dir`), `evaluator.{safetensors,json}` and
+`var_world.json` (the report with the quality measurements).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ddcore.checkpoints import atomic_write_json
+from ddcore.models.var import VAR, VARConfig
+from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
+from ddcore.params import SamplingParams, TinyWorldParams
+from ddcore.teachers.var import VARTeacher, build_var_teacher_from_dir, save_var_teacher
+from ddcore.tiny.data import make_dataset_with_attributes, to_model_range
+from ddcore.tiny.evaluator import (
+    EvaluatorConfig,
+    TinyEvaluator,
+    accuracy,
+    cosine_with_warmup,
+    load_evaluator,
+    save_evaluator,
+    train_evaluator,
+)
+
+TINY_VAR_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+REPORT_FILE = "var_world.json"
+# sampling used for the quality check (VAR convention: cfg ramps from 0 to this value)
+CHECK_SAMPLING = SamplingParams(cfg_scale=1.5)
+
+
+def tiny_var_configs(world: TinyWorldParams) -> tuple[VQVAEConfig, VARConfig]:
+    """The VQVAE / VAR architectures a tiny world's parameters describe."""
+    down = 2 ** (len(world.vq_ch_mult) - 1)
+    latent = world.image_size // down
+    if latent * down != world.image_size:
+        raise ValueError(f"image_size {world.image_size} is not divisible by the VQVAE downsampling {down}")
+    patch_nums = tuple(p for p in TINY_VAR_PATCH_NUMS if p < latent) + (latent,)
+    vq = VQVAEConfig(
+        vocab_size=world.vq_codebook_size,
+        Cvae=world.vq_codebook_dim,
+        ch=world.vq_ch,
+        ch_mult=tuple(world.vq_ch_mult),
+        num_res_blocks=1,
+        patch_nums=patch_nums,
+        norm_groups=math.gcd(32, world.vq_ch),
+    )
+    var = VARConfig(
+        depth=world.gpt_layers,
+        embed_dim=world.gpt_dim,
+        num_heads=world.gpt_heads,
+        patch_nums=patch_nums,
+        vocab_size=world.vq_codebook_size,
+        Cvae=world.vq_codebook_dim,
+        num_classes=world.num_classes,
+        cond_drop_rate=world.class_dropout_prob,
+    )
+    return vq, var
+
+
+# --------------------------------------------------------------------------------------------
+# VQVAE
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _restart_codes(vq: VQVAE, x: Tensor, dead: Tensor, g: torch.Generator) -> int:
+    """Re-initialise the codes in `dead` (bool (V,)) from latent vectors of the batch `x`."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return 0
+    f = vq.img_to_f(x).float()
+    vecs = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    pick = torch.randint(0, vecs.shape[0], (n_dead,), generator=g).to(vecs.device)
+    noise = torch.randn(n_dead, vecs.shape[1], generator=g).to(vecs.device) * vecs.std() * 0.1
+    vq.quantize.embedding.weight[dead] = vecs[pick] + noise
+    return n_dead
+
+
+@torch.no_grad()
+def _record_hits(vq: VQVAE, idx: list[Tensor], decay: float = 0.9) -> None:
+    """ema_vocab_hit_SV: per-scale EMA of code hits (the original's usage statistic)."""
+    hits = vq.quantize.ema_vocab_hit_SV
+    for si, i in enumerate(idx):
+        h = torch.bincount(i.flatten(), minlength=hits.shape[1]).float()
+        hits[si].mul_(decay).add_(h, alpha=1 - decay)
+
+
+def train_var_vqvae(
+    images: Tensor,
+    cfg: VQVAEConfig,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    restart_every: int = 100,
+    progress: bool = True,
+) -> tuple[VQVAE, dict]:
+    """Train on images in [-1, 1] (N, 3, H, W); returns the VQVAE in eval mode and its last losses."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vq = VQVAE(cfg).to(device)
+    with torch.no_grad():  # start the codebook on the data, at the latent's scale
+        _restart_codes(vq, images[:batch_size].to(device), torch.ones(cfg.vocab_size, dtype=torch.bool), g)
+    opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, steps, min(50, steps // 10))
+    )
+    vq.train()
+    last = {}
+    bar = tqdm(range(steps), desc="var-vqvae", disable=not progress, mininterval=2.0)
+    for step in bar:
+        x = images[torch.randint(0, images.shape[0], (batch_size,), generator=g)].to(device)
+        rec, vq_loss, idx = vq(x)
+        rec_loss = F.mse_loss(rec, x)
+        loss = rec_loss + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        _record_hits(vq, idx)
+        if restart_every and (step + 1) % restart_every == 0 and step + 1 < steps * 0.8:
+            dead = vq.quantize.ema_vocab_hit_SV.sum(0) < 1e-3
+            _restart_codes(vq, x, dead, g)
+        last = {"rec_mse": rec_loss.item(), "vq_loss": vq_loss.item()}
+        bar.set_postfix(rec=f"{last['rec_mse']:.4f}", vq=f"{last['vq_loss']:.4f}", refresh=False)
+    vq.eval().requires_grad_(False)
+    return vq, last
+
+
+@torch.no_grad()
+def encode_images(vq: VQVAE, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Images in [-1, 1] -> flat token pyramids (N, L)."""
+    dev = vq.codebook.device
+    out = [
+        torch.cat(vq.img_to_idx_pyramid(images[i : i + batch_size].to(dev)), 1).cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruction_mse(vq: VQVAE, images: Tensor, batch_size: int = 256) -> float:
+    dev, total = vq.codebook.device, 0.0
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(dev)
+        total += F.mse_loss(vq.idx_pyramid_to_img(vq.img_to_idx_pyramid(x)), x, reduction="sum").item()
+    return total / images.numel()
+
+
+# --------------------------------------------------------------------------------------------
+# VAR
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_var_weights(
+    var: VAR, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02
+) -> None:
+    """The original's initialisation: truncated-normal linears and embeddings (std sqrt(1/(3C))),
+    residual projections scaled by 1/sqrt(2 depth), AdaLN gammas near zero (blocks start close to
+    the identity) and a small head."""
+    c, depth = var.cfg.embed_dim, var.cfg.depth
+    std = math.sqrt(1 / c / 3)
+    for m in var.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
+    var.head.weight.mul_(init_head)
+    var.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+    for block in var.blocks:
+        block.attn.proj.weight.div_(math.sqrt(2 * depth))
+        block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+        if not var.cfg.shared_aln:
+            w = block.ada_lin[-1].weight
+            w[2 * c :].mul_(init_adaln)
+            w[: 2 * c].mul_(init_adaln_gamma)
+
+
+def train_var(
+    tokens: Tensor,
+    labels: Tensor,
+    vq: VQVAE,
+    cfg: VARConfig,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[VAR, dict]:
+    """Teacher-forced next-scale training on flat token pyramids (N, L); returns VAR in eval mode."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    var = VAR(cfg)
+    init_var_weights(var)
+    var.to(device)
+    decay, no_decay = [], []
+    for name, p in var.named_parameters():
+        (
+            no_decay if p.ndim < 2 or "pos_" in name or "embed" in name or "class_emb" in name else decay
+        ).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, steps, min(100, steps // 10))
+    )
+    var.train()
+    last = {}
+    bar = tqdm(range(steps), desc="var", disable=not progress, mininterval=2.0)
+    for _ in bar:
+        pick = torch.randint(0, tokens.shape[0], (batch_size,), generator=g)
+        tok, lab = tokens[pick].to(device), labels[pick].to(device)
+        with torch.no_grad():
+            x_in = vq.idx_to_var_input(tok)
+        logits = var(lab, x_in, drop_labels=True)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+        opt.step()
+        sched.step()
+        last = {"ce": loss.item()}
+        bar.set_postfix(ce=f"{last['ce']:.3f}", refresh=False)
+    var.eval().requires_grad_(False)
+    return var, last
+
+
+@torch.no_grad()
+def token_nll(teacher: VARTeacher, tokens: Tensor, labels: Tensor, batch_size: int = 256) -> float:
+    """Mean per-token NLL (nats) of the conditional model on held-out token pyramids."""
+    total, dev = 0.0, teacher.device
+    for i in range(0, tokens.shape[0], batch_size):
+        tok, lab = tokens[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev)
+        logits = teacher.teacher_forced_logits(tok, lab, guided=False)
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tok.reshape(-1), reduction="sum"
+        ).item()
+    return total / tokens.numel()
+
+
+@torch.no_grad()
+def sample_images(
+    teacher: VARTeacher, n: int, params: SamplingParams = CHECK_SAMPLING, seed: int = 0, batch_size: int = 250
+) -> tuple[Tensor, Tensor]:
+    """n teacher samples (balanced labels, seeds seed..seed+n-1) as images in [0, 1] and labels."""
+    labels = torch.arange(n) % teacher.num_classes
+    imgs = []
+    for i in range(0, n, batch_size):
+        lab = labels[i : i + batch_size]
+        seeds = list(range(seed + i, seed + i + lab.shape[0]))
+        imgs.append(teacher.decode(teacher.sample(lab, seeds, params)).cpu())
+    return torch.cat(imgs), labels
+
+
+# --------------------------------------------------------------------------------------------
+# The world
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_tiny_var_world(
+    world: TinyWorldParams,
+    out: str | Path,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    val_images: int = 1000,
+    check_samples: int = 500,
+) -> dict:
+    """Train the VQVAE, the VAR and the judge; write them and a quality report into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_val = min(val_images, max(1, world.train_images // 10))
+    images, labels, attrs = make_dataset_with_attributes(
+        world.train_images + n_val, world.image_size, world.num_classes, world.seed
+    )
+    x_all = to_model_range(images)
+    y_all = torch.as_tensor(labels)
+    x_tr, y_tr, x_val, y_val = x_all[n_val:], y_all[n_val:], x_all[:n_val], y_all[:n_val]
+    vq_cfg, var_cfg = tiny_var_configs(world)
+
+    vq, vq_last = train_var_vqvae(
+        x_tr, vq_cfg, world.vq_steps, world.vq_batch_size, world.vq_lr, world.seed, device, progress=progress
+    )
+    tok_tr, tok_val = encode_images(vq, x_tr), encode_images(vq, x_val)
+    var, var_last = train_var(
+        tok_tr,
+        y_tr,
+        vq,
+        var_cfg,
+        world.gpt_steps,
+        world.gpt_batch_size,
+        world.gpt_lr,
+        world.seed,
+        device,
+        progress,
+    )
+    save_var_teacher(out, var, vq)
+    teacher = VARTeacher(var, vq)
+
+    ev_cfg = EvaluatorConfig(image_size=world.image_size, num_classes=world.num_classes)
+    evaluator = train_evaluator(
+        images[n_val:], labels[n_val:], attrs[n_val:], ev_cfg, world.evaluator_steps, world.evaluator_batch_size,
+        seed=world.seed, progress=progress,
+    )  # fmt: skip
+    save_evaluator(out / "evaluator", evaluator)
+    evaluator = evaluator.to(device)
+
+    samples, sample_labels = sample_images(teacher, check_samples, seed=world.seed)
+    used = int((torch.bincount(tok_tr.flatten(), minlength=vq_cfg.vocab_size) > 0).sum())
+    report = {
+        "family": "var",
+        "patch_nums": list(vq_cfg.patch_nums),
+        "vq": {
+            **vq_last,
+            "val_rec_mse": reconstruction_mse(vq, x_val),
+            "codes_used": used,
+            "vocab_size": vq_cfg.vocab_size,
+        },
+        "var": {
+            **var_last,
+            "val_nll": token_nll(teacher, tok_val, y_val),
+            "uniform_nll": math.log(vq_cfg.vocab_size),
+        },
+        "evaluator": {"val_accuracy": accuracy(evaluator.cpu(), (x_val + 1) / 2, y_val)},
+        "teacher": {
+            "sample_accuracy": accuracy(evaluator.cpu(), samples, sample_labels),
+            "sampling": CHECK_SAMPLING.model_dump(),
+            "num_samples": check_samples,
+        },
+    }
+    atomic_write_json(out / REPORT_FILE, report)
+    return report
+
+
+def check_var_quality(report: dict, min_accuracy: float = 0.5, max_rec_mse: float = 0.05) -> list[str]:
+    """Problems that make the world useless as a teacher (empty list = fine)."""
+    problems = []
+    if report["vq"]["val_rec_mse"] > max_rec_mse:
+        problems.append(f"VQVAE reconstruction MSE {report['vq']['val_rec_mse']:.4f} > {max_rec_mse}")
+    if report["var"]["val_nll"] >= 0.8 * report["var"]["uniform_nll"]:
+        problems.append(
+            f"VAR held-out NLL {report['var']['val_nll']:.3f} is near uniform ({report['var']['uniform_nll']:.3f})"
+        )
+    if report["evaluator"]["val_accuracy"] < 0.9:
+        problems.append(f"evaluator accuracy {report['evaluator']['val_accuracy']:.3f} < 0.9")
+    if report["teacher"]["sample_accuracy"] < min_accuracy:
+        problems.append(
+            f"teacher samples are recognised {report['teacher']['sample_accuracy']:.3f} < {min_accuracy}"
+        )
+    return problems
+
+
+def load_tiny_var_world(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[VARTeacher, TinyEvaluator | None]:
+    directory = Path(directory)
+    teacher = build_var_teacher_from_dir(directory, device=str(device))
+    ev_path = directory / "evaluator"
+    evaluator = load_evaluator(ev_path, device) if Path(f"{ev_path}.safetensors").is_file() else None
+    return teacher, evaluator
+
+
+def world_summary(report: dict) -> str:
+    return (
+        f"VAR tiny world: rec MSE {report['vq']['val_rec_mse']:.4f}, codes {report['vq']['codes_used']}/"
+        f"{report['vq']['vocab_size']}, NLL {report['var']['val_nll']:.3f} (uniform {report['var']['uniform_nll']:.3f}), "
+        f"sample accuracy {report['teacher']['sample_accuracy']:.3f}"
+    )
+
+
+__all__ = [
+    "check_var_quality",
+    "encode_images",
+    "init_var_weights",
+    "load_tiny_var_world",
+    "prepare_tiny_var_world",
+    "reconstruction_mse",
+    "sample_images",
+    "tiny_var_configs",
+    "token_nll",
+    "train_var",
+    "train_var_vqvae",
+    "world_summary",
+]
