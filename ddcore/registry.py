@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -75,6 +76,7 @@ def configure(tracking_uri: str | None = None) -> MlflowClient:
             os.environ[k] = v
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -271,7 +273,7 @@ class DDImageModel(mlflow.pyfunc.PythonModel):
             self._samplers[name] = s
         return self._samplers[name]
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         import torch
 
         rows = model_input.to_dict("list") if hasattr(model_input, "to_dict") else dict(model_input)
@@ -336,6 +338,19 @@ def _model_artifacts(
             )
         )
         yield {"teacher": str(teacher), "student": str(student), "preset": str(meta)}
+
+
+def _model_code(folder: Path) -> str:
+    """MLflow "models from code": the logged model is this 3-line file naming `DDImageModel`, so
+    loading it imports our class instead of unpickling an object."""
+    code = folder / "dd_image_model.py"
+    code.write_text(
+        '"""Distilled Decoding image model: labels + seeds -> uint8 images (see ddcore.registry)."""\n'
+        "from mlflow.models import set_model\n\n"
+        "from ddcore.registry import DDImageModel\n\n"
+        "set_model(DDImageModel())\n"
+    )
+    return str(code)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -488,7 +503,7 @@ def register_student(
         mv = client.get_model_version(name, existing.version)
         return {
             "model_name": name,
-            "version": mv.version,
+            "version": str(mv.version),
             "run_id": mv.run_id,
             "aliases": list(mv.aliases),
             "decision": {
@@ -542,7 +557,7 @@ def register_student(
         with _model_artifacts(preset_name, preset, layout, sampler) as artifacts:
             info = mlflow.pyfunc.log_model(
                 name="student",
-                python_model=DDImageModel(),
+                python_model=_model_code(Path(artifacts["preset"]).parent),
                 artifacts=artifacts,
                 signature=_signature(image_size, sampler),
                 pip_requirements=_requirements(),
@@ -554,7 +569,7 @@ def register_student(
         name,
         tags={**tags, "fid": f"{scores.fid:.6g}", "sec_per_image": f"{scores.sec_per_image:.6g}"},
     )
-    version = mv.version
+    version = str(mv.version)
     champion = _champion(client, name)
     decision = promotion_decision(scores, champion[1] if champion else None, preset.promote)
     if champion:
