@@ -81,8 +81,9 @@ def test_cfg_ramp(teacher):
     tokens = teacher.sample(labels, [5, 6], GUIDED)
     cfg = 2.0
     params = SamplingParams(cfg_scale=cfg)
-    cond = teacher.teacher_forced_logits(tokens, labels, guided=False)
-    uncond = teacher.teacher_forced_logits(tokens, torch.full_like(labels, NUM_CLASSES), guided=False)
+    with torch.no_grad():
+        cond = teacher.var.forward_teacher(tokens, labels, teacher.vqvae)
+        uncond = teacher.var.forward_teacher(tokens, torch.full_like(labels, NUM_CLASSES), teacher.vqvae)
     probs = teacher.teacher_forced_probs(tokens, labels, params)
     stepped = _walk(teacher, tokens, labels, params)
     n_scales = len(PATCH_NUMS)
@@ -92,6 +93,10 @@ def test_cfg_ramp(teacher):
         torch.testing.assert_close(probs[:, b:e], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stepped[:, b:e], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs[:, :1], torch.softmax(cond[:, :1], -1))
+    torch.testing.assert_close(
+        teacher.teacher_forced_logits(tokens, labels, params)[:, -16:],
+        3 * cond[:, -16:] - 2 * uncond[:, -16:],
+    )
     # the guidance really acts at the last scale
     assert (probs[:, -16:] - torch.softmax(cond[:, -16:], -1)).abs().max() > 1e-3
 
@@ -250,3 +255,17 @@ def test_autocast_bf16_is_close_to_fp32(teacher):
     a = amp.teacher_forced_probs(tokens, labels, GUIDED)
     assert a.dtype == torch.float32
     torch.testing.assert_close(a, teacher.teacher_forced_probs(tokens, labels, GUIDED), rtol=0, atol=0.05)
+
+
+def test_chunked_teacher_forcing_and_label_checks(teacher):
+    labels = torch.tensor([0, 1, 2])
+    tokens = teacher.sample(labels, [4, 5, 6], GUIDED)
+    whole = teacher.teacher_forced_probs(tokens, labels, GUIDED)
+    teacher.forced_chunk = 2
+    try:
+        torch.testing.assert_close(teacher.teacher_forced_probs(tokens, labels, GUIDED), whole)
+    finally:
+        teacher.forced_chunk = 16
+    with pytest.raises(ValueError, match="labels must be in"):
+        teacher.start(torch.tensor([NUM_CLASSES]), GUIDED)
+    assert teacher.to("cpu") is teacher and teacher.dtype == torch.float32

@@ -122,6 +122,7 @@ class VARTeacher(Teacher):
         self.num_classes = vc.num_classes
         self.image_size = qc.image_size
         self.amp_dtype = amp_dtype
+        self.forced_chunk = 16  # rows per teacher-forced forward: bounds the (2B, L, V) logits
         self._step_sizes = [p * p for p in vc.patch_nums]
 
     # --- structure ---------------------------------------------------------------------------
@@ -141,6 +142,21 @@ class VARTeacher(Teacher):
     def device(self) -> torch.device:
         return self.var.pos_1LC.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.var.pos_1LC.dtype
+
+    def to(self, device: str | torch.device) -> VARTeacher:
+        self.var.to(device)
+        self.vqvae.to(device)
+        return self
+
+    def _labels(self, labels: Tensor) -> Tensor:
+        labels = labels.to(self.device).long().reshape(-1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}); got {labels.tolist()[:8]}")
+        return labels
+
     def _amp(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -155,7 +171,7 @@ class VARTeacher(Teacher):
     @torch.no_grad()
     def start(self, labels: Tensor, params: SamplingParams) -> tuple[VARState, Tensor]:
         check_var_sampling(params)
-        labels = labels.to(self.device).long()
+        labels = self._labels(labels)
         batch, guided = labels.shape[0], params.cfg_scale != 0.0
         if guided:
             labels = torch.cat((labels, torch.full_like(labels, self.var.null_class)))
@@ -185,25 +201,38 @@ class VARTeacher(Teacher):
         return self._probs(logits, step + 1, state.batch, state.guided, params)
 
     @torch.no_grad()
-    def teacher_forced_logits(self, tokens: Tensor, labels: Tensor, guided: bool) -> Tensor:
-        """Masked full forward; (B, L, V) conditional logits, or (2B, L, V) [cond; uncond]."""
-        tokens, labels = tokens.to(self.device).long(), labels.to(self.device).long()
+    def forward_logits(self, tokens: Tensor, labels: Tensor, with_null: bool) -> Tensor:
+        """Masked full forward: (B, L, V) conditional logits, or (2B, L, V) [cond; null class]."""
+        tokens, labels = tokens.to(self.device).long(), self._labels(labels)
         x = self.vqvae.idx_to_var_input(tokens)
-        if guided:
+        if with_null:
             labels = torch.cat((labels, torch.full_like(labels, self.var.null_class)))
             x = torch.cat((x, x))
         with self._amp():
             return self.var(labels, x)
 
     @torch.no_grad()
-    def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+    def teacher_forced_logits(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        """(B, L, V) fp32 guided logits (VAR's per-scale CFG ramp, before top-k / top-p)."""
         check_var_sampling(params)
         batch, guided = tokens.shape[0], params.cfg_scale != 0.0
-        logits = self.teacher_forced_logits(tokens, labels, guided)
+        logits = self.forward_logits(tokens, labels, guided).float()
+        cond, uncond = (logits[:batch], logits[batch:]) if guided else (logits, None)
         out = []
         for si, (b, e) in enumerate(self.var.cfg.begin_ends):
-            out.append(self._probs(logits[:, b:e], si, batch, guided, params))
+            u = None if uncond is None else uncond[:, b:e]
+            out.append(var_guided_logits(cond[:, b:e], u, si, self.num_scales, params.cfg_scale))
         return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        out = []
+        for i in range(0, tokens.shape[0], self.forced_chunk):
+            logits = self.teacher_forced_logits(
+                tokens[i : i + self.forced_chunk], labels[i : i + self.forced_chunk], params
+            )
+            out.append(var_logits_to_probs(logits, params.top_k, params.top_p))
+        return torch.cat(out)
 
     # --- decoding ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -260,7 +260,7 @@ def token_nll(teacher: VARTeacher, tokens: Tensor, labels: Tensor, batch_size: i
     total, dev = 0.0, teacher.device
     for i in range(0, tokens.shape[0], batch_size):
         tok, lab = tokens[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev)
-        logits = teacher.teacher_forced_logits(tok, lab, guided=False)
+        logits = teacher.teacher_forced_logits(tok, lab, SamplingParams(cfg_scale=0.0))
         total += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tok.reshape(-1), reduction="sum"
         ).item()
