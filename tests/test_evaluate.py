@@ -143,3 +143,64 @@ def test_reference_dimension_mismatch_is_reported(world, tmp_path):
             [BankSampler("teacher", bank, teacher)], teacher, ext, bad, EvalParams(num_samples=8, batch_size=8),
             tmp_path, progress=False,
         )  # fmt: skip
+
+
+class GreedySampler:
+    """The same teacher with argmax instead of its multinomial draw: sharper, lower-NLL, collapsed."""
+
+    name, steps = "greedy", 16
+
+    def __init__(self, teacher, params):
+        self.teacher, self.params = teacher, params
+
+    def tokens(self, labels, seeds):
+        from ddcore.sampling import GreedyChooser
+
+        return self.teacher.sample(labels, seeds, self.params, GreedyChooser())
+
+    def images(self, labels, seeds):
+        return self.teacher.decode(self.tokens(labels, seeds))
+
+
+def test_evaluate_with_a_real_small_llamagen_teacher(tmp_path):
+    from ddcore.models.llamagen import GPT, GPTConfig
+    from ddcore.models.vq import VQConfig, VQModel
+    from ddcore.samplers import TeacherSampler
+    from ddcore.teachers.llamagen import LlamaGenTeacher
+    from ddcore.tiny.evaluator import EvaluatorConfig, TinyEvaluator
+
+    torch.manual_seed(0)
+    gpt = GPT(
+        GPTConfig(dim=32, n_layer=1, n_head=2, multiple_of=16, vocab_size=32, num_classes=3, block_size=16)
+    )
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.3)
+    vq_cfg = VQConfig(
+        codebook_size=32,
+        encoder_ch_mult=(1, 2),
+        decoder_ch_mult=(1, 2),
+        z_channels=32,
+        ch=32,
+        num_res_blocks=1,
+    )
+    teacher = LlamaGenTeacher(gpt.eval(), VQModel(vq_cfg).eval(), num_classes=3, image_size=8)
+    params = SamplingParams(cfg_scale=1.5, top_k=8)
+    evaluator = TinyEvaluator(EvaluatorConfig(image_size=8, num_classes=3, width=8, feature_dim=16)).eval()
+    ext = tiny_extractor(evaluator, name="ddcore-test-real")
+    ref_labels = eval_labels(3, 48, 99)
+    ref = reference_from_images(
+        to_uint8(teacher.decode(teacher.sample(ref_labels, range(48), params))), ext, "t"
+    )
+    samplers = [TeacherSampler(teacher, params), GreedySampler(teacher, params)]
+    res = evaluate_samplers(
+        samplers, teacher, evaluator, ref, EvalParams(num_samples=48, batch_size=16), tmp_path, progress=False
+    )
+    t, g = res["samplers"]["teacher"], res["samplers"]["greedy"]
+    assert res["protocol"]["nll_sampling"]["top_k"] == 8  # taken from the teacher sampler
+    assert t["teacher_support_miss"] == 0.0 and g["teacher_support_miss"] == 0.0
+    assert g["teacher_nll"] < t["teacher_nll"]  # argmax tokens are the most likely ones
+    assert g["marginal_tv"] > t["marginal_tv"]  # greedy collapses to one sequence per class
+    assert g["fid"] > t["fid"] >= 0
+    assert (tmp_path / "grid_teacher.png").is_file() and (tmp_path / "grid_greedy.png").is_file()
