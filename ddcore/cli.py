@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotImplementedError as e:
         print(f"ddcore {args.command}: not available yet: {e}", file=sys.stderr)
         return 3
-    except FileNotFoundError as e:
+    except (FileNotFoundError, stages.StageError) as e:
         print(f"ddcore {args.command}: {e}", file=sys.stderr)
         return 1
     if result is not None:

@@ -316,9 +316,9 @@ def _model_artifacts(
         teacher = t / "teacher"
         info_file = layout.teacher_dir / "teacher.json"
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        if info.get("kind") == "llamagen":
+        if info.get("kind") == "published":
             teacher.mkdir()
-            for part in ("gpt", "vq"):
+            for part in ("model", "tokenizer"):
                 src = Path(info[part]["path"])
                 _link_or_copy(src, teacher / src.name)
                 info[part] = {**info[part], "path": src.name}  # relative: resolved against the folder
@@ -621,8 +621,12 @@ def register_student(
 def _image_size(preset: Preset, layout: Layout) -> int:
     if preset.teacher.world is not None:
         return preset.teacher.world.image_size
-    from ddcore.sources import get_checkpoint
+    import importlib
 
+    from ddcore.sources import get_checkpoint
+    from ddcore.stages import _PUBLISHED
+
+    importlib.import_module(_PUBLISHED[preset.family][0])  # registers the family's checkpoints
     return int(get_checkpoint(preset.teacher.name).image_size or 256)
 
 

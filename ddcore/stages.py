@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -34,6 +35,12 @@ from ddcore.settings import Settings, get_settings
 log = logging.getLogger("ddcore.stages")
 
 STAGES = ("prepare", "trajectories", "distill", "evaluate", "bench", "register")
+
+
+class StageError(RuntimeError):
+    """A stage ran but its result is unusable (e.g. a teacher failing its quality checks)."""
+
+
 TINY_TEACHERS = frozenset({"tiny", "micro", "tiny-var", "micro-var"})
 MARKER = "_stage.json"
 
@@ -227,13 +234,16 @@ def stage_fingerprint(layout: Layout, preset: Preset, stage: str) -> str:
 # --------------------------------------------------------------------------------------------
 # pieces owned by other modules, imported when a stage needs them
 # --------------------------------------------------------------------------------------------
-def _piece(module: str, attr: str, what: str) -> Callable:
+def _piece(module: str, attr: str | None, what: str) -> Any:
+    """`module.attr` (or the module itself), or NotImplementedError naming what is missing."""
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and module.startswith(e.name):
             raise NotImplementedError(f"{what} needs {module}.{attr}, which does not exist yet") from e
         raise
+    if attr is None:
+        return mod
     if not hasattr(mod, attr):
         raise NotImplementedError(f"{what} needs {module}.{attr}, which does not exist yet")
     return getattr(mod, attr)
@@ -293,71 +303,89 @@ def prepare_teacher(
         shutil.rmtree(out)  # stale (other params): start clean
     out.mkdir(parents=True, exist_ok=True)
     if is_tiny(preset):
-        if preset.teacher.world is None:
-            raise ValueError(f"presets.{preset_name}.teacher.world is required for the tiny teacher")
-        prepare_world = _piece("ddcore.tiny.world", "prepare_tiny_world", "the tiny-world teacher")
-        check_quality = _piece("ddcore.tiny.world", "check_quality", "the tiny-world teacher")
-        report = prepare_world(preset.teacher.world, out, progress=progress)
-        problems = check_quality(report)
-        if problems:
-            raise RuntimeError(
-                f"tiny world for {preset_name!r} failed its quality checks: " + "; ".join(problems)
-            )
-        result = {"kind": "tiny", "teacher": preset.teacher.name, "report": _jsonable(report)}
-    elif preset.family == "llamagen":
-        result = _prepare_llamagen(preset, out)
+        result = _prepare_tiny(preset_name, preset, out, progress)
     else:
-        raise NotImplementedError(
-            f"teacher family {preset.family!r} needs ddcore.teachers.var (not wired yet)"
-        )
+        result = _prepare_published(preset, out)
     atomic_write_json(out / "teacher.json", result)
     return _finish(layout, "prepare", fp, result)
 
 
-def _prepare_llamagen(preset: Preset, out: Path) -> dict:
-    resolve_source = _piece("ddcore.sources", "resolve_source", "the LlamaGen teacher")
-    get_checkpoint = _piece("ddcore.sources", "get_checkpoint", "the LlamaGen teacher")
+# the offline worlds: (module, prepare, quality check, load) per family
+_TINY_WORLDS = {
+    "llamagen": ("ddcore.tiny.world", "prepare_tiny_world", "check_quality", "load_tiny_world"),
+    "var": ("ddcore.tiny.var_world", "prepare_tiny_var_world", "check_var_quality", "load_tiny_var_world"),
+}
+# published teachers: the module whose import registers their checkpoints, and the loader
+_PUBLISHED = {
+    "llamagen": ("ddcore.teachers.llamagen", "load_llamagen_teacher"),
+    "var": ("ddcore.teachers.var", "load_var_teacher"),
+}
+
+
+def _prepare_tiny(preset_name: str, preset: Preset, out: Path, progress: bool) -> dict:
+    if preset.teacher.world is None:
+        raise ValueError(f"presets.{preset_name}.teacher.world is required for the tiny teacher")
+    mod, prep, check, _ = _TINY_WORLDS[preset.family]
+    what = f"the {preset.family} tiny-world teacher"
+    prepare_world, check_quality = _piece(mod, prep, what), _piece(mod, check, what)
+    kw = {"device": _device()} if "device" in inspect.signature(prepare_world).parameters else {}
+    report = prepare_world(preset.teacher.world, out, progress=progress, **kw)
+    problems = check_quality(report)
+    if problems:
+        raise StageError(f"tiny world for {preset_name!r} failed its quality checks: " + "; ".join(problems))
+    return {
+        "kind": "tiny",
+        "family": preset.family,
+        "teacher": preset.teacher.name,
+        "report": _jsonable(report),
+    }
+
+
+def _prepare_published(preset: Preset, out: Path) -> dict:
+    """Resolve the published checkpoint and its tokenizer (download with retries into the cache)."""
+    mod, _ = _PUBLISHED[preset.family]
+    _piece(mod, None, f"the {preset.family} teacher")  # importing it registers the checkpoints
+    resolve_source = _piece("ddcore.sources", "resolve_source", "published teachers")
+    get_checkpoint = _piece("ddcore.sources", "get_checkpoint", "published teachers")
     info = get_checkpoint(preset.teacher.name)
     gpt_src = preset.teacher.source or info.source
     vq_src = preset.teacher.vq_source or get_checkpoint(info.tokenizer or "vq-ds16-c2i").source
-    gpt = Path(with_retries(lambda: resolve_source(gpt_src), f"resolving {gpt_src}"))
-    vq = Path(with_retries(lambda: resolve_source(vq_src), f"resolving {vq_src}"))
-    return {
-        "kind": "llamagen",
-        "teacher": preset.teacher.name,
-        "gpt": {"source": gpt_src, "path": str(gpt), "sha256": sha256_file(gpt)},
-        "vq": {"source": vq_src, "path": str(vq), "sha256": sha256_file(vq)},
-    }
+    files = {}
+    for part, src in (("model", gpt_src), ("tokenizer", vq_src)):
+        path = Path(with_retries(lambda src=src: resolve_source(src), f"resolving {src}"))
+        files[part] = {"source": src, "path": str(path), "sha256": sha256_file(path)}
+    return {"kind": "published", "family": preset.family, "teacher": preset.teacher.name, **files}
 
 
 def load_teacher(preset: Preset, teacher_dir: Path, device: str | None = None):
     """The prepared teacher as a `Teacher` (plus the tiny world's evaluator, else None)."""
     device = device or _device()
     if is_tiny(preset):
-        load_world = _piece("ddcore.tiny.world", "load_tiny_world", "loading the tiny-world teacher")
+        mod, _, _, load = _TINY_WORLDS[preset.family]
+        load_world = _piece(mod, load, f"loading the {preset.family} tiny-world teacher")
         teacher, evaluator = load_world(teacher_dir)
         return _to(teacher, device), _to(evaluator, device)
     info = json.loads((teacher_dir / "teacher.json").read_text())
-    if info["kind"] == "llamagen":
-        load = _piece("ddcore.teachers.llamagen", "load_llamagen_teacher", "loading the LlamaGen teacher")
 
-        def path(part: str) -> str:
-            """Relative paths (a registered model's copy) live next to teacher.json; an absolute
-            path from another machine's cache is re-resolved from the source and re-verified."""
-            p = Path(info[part]["path"])
-            p = p if p.is_absolute() else teacher_dir / p
-            if not p.is_file():
-                resolve_source = _piece("ddcore.sources", "resolve_source", "the LlamaGen teacher")
-                p = Path(with_retries(lambda: resolve_source(info[part]["source"]), f"resolving {part}"))
-                if sha256_file(p) != info[part]["sha256"]:
-                    raise RuntimeError(
-                        f"{p}: sha256 differs from the one recorded in {teacher_dir}/teacher.json"
-                    )
-            return str(p)
+    def path(part: str) -> str:
+        """Relative paths (a registered model's copy) live next to teacher.json; an absolute path
+        from another machine's cache is re-resolved from the source and re-verified."""
+        p = Path(info[part]["path"])
+        p = p if p.is_absolute() else teacher_dir / p
+        if not p.is_file():
+            resolve_source = _piece("ddcore.sources", "resolve_source", "published teachers")
+            p = Path(with_retries(lambda: resolve_source(info[part]["source"]), f"resolving {part}"))
+            if sha256_file(p) != info[part]["sha256"]:
+                raise StageError(f"{p}: sha256 differs from the one recorded in {teacher_dir}/teacher.json")
+        return str(p)
 
-        teacher = load(preset.teacher.name, vq_path=path("vq"), source=path("gpt"), device=device)
-        return teacher, None
-    raise NotImplementedError(f"loading a {info['kind']!r} teacher is not wired yet")
+    mod, loader = _PUBLISHED[preset.family]
+    load = _piece(mod, loader, f"loading the {preset.family} teacher")
+    if preset.family == "llamagen":
+        teacher = load(preset.teacher.name, vq_path=path("tokenizer"), source=path("model"), device=device)
+    else:
+        teacher = load(preset.teacher.name, source=path("model"), vq_source=path("tokenizer"), device=device)
+    return teacher, None
 
 
 def _to(obj, device: str):
