@@ -1,0 +1,99 @@
+"""A Markov-chain `Teacher` with exactly computable marginals, for the DD1 statistical tests.
+
+p(q_0 | y) = softmax(A[y]),  p(q_i | q_{i-1}, y) = softmax(T[q_{i-1}] + B[y]), with the sampling
+params applied exactly as LlamaGen does (CFG on the class term, temperature, top-k, top-p), so
+the flow chooser and the multinomial chooser can both be compared to the exact distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ddcore.params import SamplingParams
+from ddcore.sampling import cfg_logits, logits_to_probs
+from ddcore.teachers.base import StepState, Teacher
+
+
+@dataclass
+class _State(StepState):
+    labels: Tensor
+
+
+class MarkovTeacher(Teacher):
+    family = "toy"
+
+    def __init__(self, seq_len: int = 6, vocab: int = 8, dim: int = 4, num_classes: int = 3, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.num_classes = num_classes
+        self.image_size = seq_len  # decode() gives (B, 3, 2, seq_len) strips; only shape-checked
+        self._L = seq_len
+        self._codebook = F.normalize(torch.randn(vocab, dim, generator=g), dim=-1)
+        self.A = 1.5 * torch.randn(num_classes, vocab, generator=g)
+        self.T = 1.5 * torch.randn(vocab, vocab, generator=g)
+        self.B = 1.0 * torch.randn(num_classes, vocab, generator=g)
+
+    @property
+    def step_sizes(self) -> list[int]:
+        return [1] * self._L
+
+    @property
+    def codebook(self) -> Tensor:
+        return self._codebook
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    # --- the distributions ------------------------------------------------------------------
+    def first_probs(self, labels: Tensor, params: SamplingParams) -> Tensor:
+        cond = self.A[labels]
+        guided = cfg_logits(cond, self.A.mean(0).expand_as(cond), params.cfg_scale)
+        return logits_to_probs(guided, params.temperature, params.top_k, params.top_p)
+
+    def next_probs(self, prev: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        uncond = self.T[prev]
+        guided = cfg_logits(uncond + self.B[labels], uncond, params.cfg_scale)
+        return logits_to_probs(guided, params.temperature, params.top_k, params.top_p)
+
+    def exact_marginals(self, label: int, params: SamplingParams) -> Tensor:
+        """(L, V) exact per-position marginals for one class."""
+        V = self.vocab_size
+        lab = torch.full((V,), label)
+        P = self.next_probs(torch.arange(V), lab, params).double()  # (V, V) transition matrix
+        m = self.first_probs(torch.tensor([label]), params)[0].double()
+        out = [m]
+        for _ in range(self._L - 1):
+            m = m @ P
+            out.append(m)
+        return torch.stack(out)
+
+    def exact_pair(self, label: int, pos: int, params: SamplingParams) -> Tensor:
+        """(V, V) exact joint of (q_{pos-1}, q_pos) for one class."""
+        V = self.vocab_size
+        P = self.next_probs(torch.arange(V), torch.full((V,), label), params).double()
+        m = self.exact_marginals(label, params)[pos - 1]
+        return m[:, None] * P
+
+    # --- Teacher interface ------------------------------------------------------------------
+    def start(self, labels: Tensor, params: SamplingParams):
+        return _State(labels.long()), self.first_probs(labels.long(), params).unsqueeze(1)
+
+    def advance(self, state, step: int, tokens: Tensor, params: SamplingParams) -> Tensor:
+        return self.next_probs(tokens.reshape(-1).long(), state.labels, params).unsqueeze(1)
+
+    def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        first = self.first_probs(labels, params).unsqueeze(1)
+        rest = [self.next_probs(tokens[:, i - 1], labels, params).unsqueeze(1) for i in range(1, self._L)]
+        return torch.cat([first, *rest], dim=1)
+
+    def decode_vectors(self, vectors: Tensor) -> Tensor:
+        b = vectors.shape[0]
+        img = torch.sigmoid(vectors.float().mean(-1))  # (B, L)
+        return img[:, None, None, :].expand(b, 3, 2, self._L).contiguous()
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        return self.decode_vectors(self.codebook[tokens.long()])
