@@ -9,6 +9,7 @@ metrics/ and the default MLflow store relative to a checkout (what `dvc.yaml` us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -42,6 +43,13 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
         type=Path,
         default=d,
         help="project directory holding params.yaml, data/, models/, metrics/ (default: the installed project)",
+    )
+    g.add_argument(
+        "--params",
+        type=Path,
+        default=d,
+        metavar="FILE",
+        help="params file to read presets from (default: params.yaml of the project / --root)",
     )
     g.add_argument("--quiet", action="store_true", default=d if suppress else False, help="no progress bars")
     return p
@@ -119,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ddcore import stages
 
     layout = stages.Layout.create(args.preset, root=args.root)
+    if args.params is not None:
+        layout = dataclasses.replace(layout, params_file=args.params.resolve())
     try:
         preset = resolve_preset(args.preset, args.overrides, layout.params_file)
     except ParamsError as e:
