@@ -97,3 +97,22 @@ class MarkovTeacher(Teacher):
 
     def decode(self, tokens: Tensor) -> Tensor:
         return self.decode_vectors(self.codebook[tokens.long()])
+
+
+def generate_toy_shards(out_dir: str, shard_ids: list[int], num_pairs: int, shard_size: int) -> None:
+    """Process entry point for the parallel-generation test (spawned children import this)."""
+    import torch
+
+    from ddcore.dd1.trajectories import generate_trajectories
+    from ddcore.params import FlowParams, SamplingParams, TrajectoryParams
+
+    torch.set_num_threads(1)
+    generate_trajectories(
+        MarkovTeacher(),
+        SamplingParams(),
+        FlowParams(steps=16),
+        TrajectoryParams(num_pairs=num_pairs, shard_size=shard_size, batch_size=16, seed=3),
+        out_dir,
+        shard_ids=shard_ids,
+        progress=False,
+    )
