@@ -1,0 +1,220 @@
+"""The DD1 LlamaGen student: the teacher's Transformer, re-wired to map a noise trajectory state
+X_t to the whole final token sequence in one forward pass.
+
+Initialised from the teacher GPT: class embedding, blocks, final RMSNorm, logits head, 2D RoPE.
+New parts (N(0, 0.02), biases 0):
+  * `tok_embeddings` = Linear(d -> dim): inputs are continuous vectors (codebook vectors for data
+    positions, Gaussian noise for the others), not indices;
+  * `n_d_embed` = Embedding(2, dim) added at the input: 1 for the class token and data positions
+    (< t), 0 for noise positions; it is the only time signal the network gets;
+  * `final_layer_conti`: PixArt-style final layer (LayerNorm without affine, shift/scale from a
+    learned table plus the class embedding, Linear(dim -> d)) that regresses continuous tokens.
+Input [cls, x_0 .. x_{L-1}] with causal attention; outputs [:, 1:], so the output at input
+position i + 1 predicts token i from (cls, x_<=i): q_i depends on eps_<=i, exactly the flow map's
+dependency structure.
+
+Parameter names and shapes follow the released DD1 LlamaGen checkpoints
+(`LlamaGen-DD/llamagen-{B,L}.pt`, key `ema`), so `load_student_checkpoint` loads them strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from ddcore.checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
+from ddcore.models.llamagen import (
+    GPT,
+    GPTConfig,
+    LabelEmbedder,
+    RMSNorm,
+    TransformerBlock,
+    precompute_freqs_cis_2d,
+)
+
+__all__ = ["DD1Student", "FinalLayer", "load_student_checkpoint", "student_config"]
+
+
+def student_config(teacher_cfg: GPTConfig) -> GPTConfig:
+    """The teacher's architecture with every dropout off (the student sees no label dropout:
+    guidance is baked into the trajectories and there is one forward pass per image)."""
+    return replace(
+        teacher_cfg,
+        token_dropout_p=0.0,
+        attn_dropout_p=0.0,
+        resid_dropout_p=0.0,
+        ffn_dropout_p=0.0,
+        drop_path_rate=0.0,
+    )
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm -> x (1 + scale) + shift, (shift, scale) = table + class embedding -> Linear."""
+
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out, bias=True)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+
+    def forward(self, h: Tensor, cond: Tensor) -> Tensor:
+        """h (B, S, dim), cond (B, 1, dim) -> (B, S, out)."""
+        shift, scale = (self.scale_shift_table[None] + cond).chunk(2, dim=1)
+        return self.linear(self.norm_final(h) * (1 + scale) + shift)
+
+
+class DD1Student(nn.Module):
+    def __init__(self, cfg: GPTConfig, codebook: Tensor):
+        super().__init__()
+        cfg = student_config(cfg)
+        self.cfg = cfg
+        d = codebook.shape[1]
+        if codebook.shape[0] != cfg.vocab_size:
+            raise ValueError(f"codebook has {codebook.shape[0]} entries, vocab_size is {cfg.vocab_size}")
+        # row count as the teacher (num_classes + 1 null row when it was trained with label dropout);
+        # labels are never dropped here (forward passes train=False)
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        self.tok_embeddings = nn.Linear(d, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.final_layer_conti = FinalLayer(cfg.dim, d)
+        self.n_d_embed = nn.Embedding(2, cfg.dim)
+        # the codebook and the RoPE table are plain fp32 attributes: not parameters, not in the
+        # released state dicts, and never cast to bf16 with the weights (see _apply)
+        self.codebook = codebook.detach().float().clone()
+        with torch.device("cpu"):
+            self.freqs_cis = precompute_freqs_cis_2d(
+                cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num
+            )
+        if not self.output.weight.is_meta:
+            self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.cfg.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+        nn.init.zeros_(self.output.weight)
+
+    @classmethod
+    def from_teacher(cls, gpt: GPT, codebook: Tensor) -> DD1Student:
+        """A student whose shared parts are copies of the teacher GPT's weights."""
+        student = cls(gpt.cfg, codebook.to("cpu")).to(gpt.device)
+        with torch.no_grad():
+            student.cls_embedding.load_state_dict(gpt.cls_embedding.state_dict())
+            student.layers.load_state_dict(gpt.layers.state_dict())
+            student.norm.load_state_dict(gpt.norm.state_dict())
+            student.output.load_state_dict(gpt.output.state_dict())
+        return student
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.block_size
+
+    @property
+    def token_dim(self) -> int:
+        return self.codebook.shape[1]
+
+    def _freqs(self, device) -> Tensor:
+        if self.freqs_cis.device != torch.device(device):
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        device = self.output.weight.device
+        if device.type != "meta":  # follow the weights' device, stay fp32
+            if not self.codebook.is_meta:
+                self.codebook = self.codebook.to(device)
+            if not self.freqs_cis.is_meta:
+                self.freqs_cis = self.freqs_cis.to(device)
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, labels: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, L, d) = X_t, labels (B,), t (B,) data-token counts ->
+        (logits (B, L, V) fp32, continuous tokens (B, L, d) fp32); output i predicts token i."""
+        bsz, seq_len, _ = x.shape
+        if seq_len != self.cfg.block_size:
+            raise ValueError(f"student expects {self.cfg.block_size} positions, got {seq_len}")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(bsz)
+        cond = self.cls_embedding(labels.to(x.device).long(), train=False)  # (B, 1, dim)
+        h = torch.cat([cond, self.tok_embeddings(x.to(self.tok_embeddings.weight.dtype))], dim=1)
+        # flag 1 for the class token (input position 0) and data tokens (input position i+1, i < t)
+        flags = (torch.arange(seq_len + 1, device=x.device)[None, :] <= t[:, None]).long()
+        h = h + self.n_d_embed(flags)
+        freqs = self._freqs(h.device)[: seq_len + 1]
+        for layer in self.layers:
+            h = layer(h, freqs)
+        logits = self.output(self.norm(h)).float()[:, 1:]
+        cont = self.final_layer_conti(h, cond).float()[:, 1:]
+        return logits, cont
+
+    # --- DD1 read-outs ------------------------------------------------------------------------
+    def nearest_indices(self, x: Tensor) -> Tensor:
+        """Index of the nearest codebook entry of every vector (B, L, d) -> (B, L)."""
+        cb = self.codebook.to(x.device)
+        d2 = (x.float() ** 2).sum(-1, keepdim=True) - 2 * x.float() @ cb.T + (cb**2).sum(-1)
+        return d2.argmin(-1)
+
+    def final_predict(
+        self, x: Tensor, labels: Tensor, t: Tensor, idx: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(continuous (B, L, d), logits (B, L, V)) where positions < t keep the input: their
+        continuous output is the input vector and their logits are one-hot (0 / -inf) on `idx`
+        (default: the nearest codebook entry of the input)."""
+        logits, cont = self(x, labels, t)
+        bsz, seq_len, _ = x.shape
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(bsz)
+        keep = torch.arange(seq_len, device=x.device)[None, :] < t[:, None]  # (B, L) data positions
+        idx = self.nearest_indices(x) if idx is None else idx.to(x.device).long()
+        onehot = torch.full_like(logits, float("-inf")).scatter_(-1, idx.unsqueeze(-1), 0.0)
+        logits = torch.where(keep[..., None], onehot, logits)
+        cont = torch.where(keep[..., None], x.float(), cont)
+        return cont, logits
+
+    def predict_vectors(
+        self, x: Tensor, labels: Tensor, t: Tensor, split_t: int, idx: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(vectors (B, L, d), token indices (B, L)): positions < split_t use
+        codebook[argmax logits], positions >= split_t the continuous outputs."""
+        cont, logits = self.final_predict(x, labels, t, idx)
+        tokens = logits.argmax(-1)
+        snapped = self.codebook.to(x.device)[tokens]
+        use_tokens = torch.arange(x.shape[1], device=x.device)[None, :, None] < split_t
+        return torch.where(use_tokens, snapped, cont), tokens
+
+
+def load_student_checkpoint(
+    path: str | os.PathLike,
+    cfg: GPTConfig,
+    codebook: Tensor,
+    device: str | torch.device = "cpu",
+    prefer: tuple[str, ...] = ("ema", "model", "module", "state_dict"),
+) -> DD1Student:
+    """Strictly load a student state dict: a released DD1 `.pt` (EMA weights under `ema`) or ours."""
+    sd = unwrap_state_dict(load_state_dict_file(path), prefer=prefer)
+    with torch.device("meta"):
+        student = DD1Student(cfg, torch.empty_like(codebook, device="meta"))
+    load_strict(student, sd, what=f"DD1 LlamaGen student (dim {cfg.dim}, {cfg.n_layer} layers)", assign=True)
+    student.codebook = codebook.detach().float().clone()
+    student.freqs_cis = precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+    return student.to(device).eval()
+
+
+def clone_student(student: DD1Student) -> DD1Student:
+    """Deep copy (for EMA weights)."""
+    return copy.deepcopy(student)
