@@ -171,7 +171,7 @@ def _dispatch(args: argparse.Namespace, preset: Preset, layout, progress: bool):
             name, preset, shard_ids=args.shards, layout=layout, progress=progress
         )
     if cmd == "distill":
-        return stages.distill_stage(name, preset, layout)
+        return stages.distill_stage(name, preset, layout, progress=progress)
     if cmd == "evaluate":
         return stages.evaluate_stage(name, preset, layout, progress=progress)
     if cmd == "bench":

@@ -328,9 +328,10 @@ def _model_artifacts(
                 layout.teacher_dir, teacher, ignore=shutil.ignore_patterns("_stage.json", "*.tmp")
             )
         student = t / "student"
-        shutil.copytree(
-            layout.student_dir, student, ignore=shutil.ignore_patterns("_stage.json", "*.tmp", "*.csv")
-        )
+        student.mkdir()
+        for f in sorted(layout.student_dir.iterdir()):  # weights + configs; no training state, no logs
+            if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "_stage.json":
+                _link_or_copy(f, student / f.name)
         meta = t / "preset.json"
         meta.write_text(
             json.dumps(

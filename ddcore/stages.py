@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -254,7 +255,11 @@ def is_tiny(preset: Preset) -> bool:
 
 
 def _device() -> str:
-    return get_settings().resolve_device()
+    """The settings' device; under torchrun, each process's own GPU."""
+    dev = get_settings().resolve_device()
+    if dev == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return dev
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,26 +466,94 @@ def distill_stage(
     preset: Preset,
     layout: Layout | None = None,
     log_fn: Callable[[dict], None] | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Train the DD1 student on the trajectories (resumes from its last checkpoint)."""
+    """Train the DD1 student on the trajectories (resumes from its last checkpoint).
+
+    With DD_NPROC_PER_NODE > 1 (or 'auto' on a machine with several GPUs) the training runs under
+    `torchrun --standalone` with one process per device; the trainer is DDP-aware and computes the
+    single-process gradient, and this process keeps the bookkeeping.
+    """
     layout = layout or layout_for(preset_name)
     fp = stage_fingerprint(layout, preset, "distill")
     if m := _complete(layout, "distill", fp):
         log.info("distill[%s]: complete, skipping", preset_name)
         _copy_train_log(layout)
         return m.result
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker started below: train, nothing else
+        return _train_student(preset, layout, log_fn, progress)
     old = read_marker(layout, "distill")
     if old is not None and old.fingerprint != fp and layout.student_dir.exists():
         shutil.rmtree(layout.student_dir)
-    train = _piece("ddcore.dd1.train", "train_student", "the distill stage")
-    teacher, _ = load_teacher(preset, layout.teacher_dir)
-    out = train(
-        teacher, layout.traj_dir, preset.student, preset.train, layout.student_dir, resume=True, log_fn=log_fn
+    nproc = nproc_per_node()
+    out = (
+        _torchrun_distill(preset_name, preset, layout, nproc)
+        if nproc > 1
+        else _train_student(preset, layout, log_fn, progress)
     )
     _copy_train_log(layout)
-    result = {"summary": _jsonable(out) if isinstance(out, dict) else None}
+    result = {"summary": _jsonable(out) if isinstance(out, dict) else None, "processes": nproc}
     result["final"] = last_train_row(layout.train_log)
     return _finish(layout, "distill", fp, result)
+
+
+def _train_student(preset: Preset, layout: Layout, log_fn, progress: bool) -> dict:
+    train = _piece("ddcore.dd1.train", "train_student", "the distill stage")
+    teacher, _ = load_teacher(preset, layout.teacher_dir)
+    return train(
+        teacher,
+        layout.traj_dir,
+        preset.student,
+        preset.train,
+        layout.student_dir,
+        resume=True,
+        log_fn=log_fn,
+        progress=progress,
+    )
+
+
+def nproc_per_node() -> int:
+    """Training processes on this machine: DD_NPROC_PER_NODE (an integer, or 'auto' = one per
+    visible GPU); 1 when unset."""
+    v = os.environ.get("DD_NPROC_PER_NODE", "1").strip().lower()
+    if v == "auto":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"DD_NPROC_PER_NODE={v!r}: allowed are a positive integer or 'auto'") from None
+    if n < 1:
+        raise ValueError(f"DD_NPROC_PER_NODE={n}: must be >= 1")
+    return n
+
+
+def _torchrun_distill(preset_name: str, preset: Preset, layout: Layout, nproc: int) -> dict:
+    """Run `ddcore distill` for this exact preset (overrides included) under torchrun."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    params = layout.state_dir / "distill-params.yaml"
+    atomic_write_text(params, yaml.safe_dump({"presets": {preset_name: preset.model_dump(mode="json")}}))
+    env = os.environ | {
+        "DD_DATA_ROOT": str(layout.data_root),
+        "DD_MODEL_ROOT": str(layout.model_root),
+        "DD_METRICS_ROOT": str(layout.metrics_root),
+        "DD_PROJECT_ROOT": str(layout.project_root),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "ddcore.cli", "--params", str(params), "--quiet", "distill", "--preset", preset_name,
+    ]  # fmt: skip
+    log.info("distill[%s]: %s", preset_name, " ".join(cmd))
+    subprocess.run(cmd, env=env, check=True)
+    meta = json.loads((layout.student_dir / "student.json").read_text())
+    return meta.get("summary", {})
 
 
 def _copy_train_log(layout: Layout) -> None:
@@ -693,7 +766,7 @@ def run_pipeline(
         elif s == "trajectories":
             out[s] = generate_trajectories_stage(preset_name, preset, layout=layout, progress=progress)
         elif s == "distill":
-            out[s] = distill_stage(preset_name, preset, layout)
+            out[s] = distill_stage(preset_name, preset, layout, progress=progress)
         elif s == "evaluate":
             out[s] = evaluate_stage(preset_name, preset, layout, progress=progress)
         elif s == "bench":

@@ -76,17 +76,17 @@ def distill_student(preset_name: str, preset: Preset) -> dict:
     def log_fn(row: dict) -> None:
         logger.info("train %s", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
 
-    return stages.distill_stage(preset_name, preset, log_fn=log_fn)
+    return stages.distill_stage(preset_name, preset, log_fn=log_fn, progress=False)
 
 
 @_task(name="evaluate", tags=["gpu"])
 def evaluate(preset_name: str, preset: Preset) -> dict:
-    return stages.evaluate_stage(preset_name, preset)
+    return stages.evaluate_stage(preset_name, preset, progress=False)
 
 
 @_task(name="bench", tags=["gpu"])
 def bench(preset_name: str, preset: Preset) -> dict:
-    return stages.bench_stage(preset_name, preset)
+    return stages.bench_stage(preset_name, preset, progress=False)
 
 
 @_task(name="register")
@@ -102,7 +102,9 @@ def _fmt(v: Any) -> Any:
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
-def publish_artifacts(preset_name: str, preset: Preset, eval_result: dict, bench_result: dict, reg: dict) -> None:
+def publish_artifacts(
+    preset_name: str, preset: Preset, eval_result: dict, bench_result: dict, reg: dict
+) -> None:
     """Metrics table, a markdown summary with the promotion decision, and a link to the MLflow run."""
     bench_rows = {str(r.get("sampler")): r for r in stages.bench_rows(bench_result, preset)}
     table = []
