@@ -116,3 +116,54 @@ def generate_toy_shards(out_dir: str, shard_ids: list[int], num_pairs: int, shar
         shard_ids=shard_ids,
         progress=False,
     )
+
+
+def small_llamagen_teacher(seed: int = 0):
+    """A real `LlamaGenTeacher` on a small random GPT (16 tokens, vocab 48) and VQ (8 px images)."""
+    from llamagen_helpers import small_gpt, small_vq
+
+    from ddcore.teachers.llamagen import LlamaGenTeacher
+
+    return LlamaGenTeacher(small_gpt(seed=seed, std=0.3), small_vq(seed=seed), num_classes=10, image_size=8)
+
+
+def make_small_trajectories(out_dir, num_pairs: int = 96, seed: int = 0):
+    from ddcore.dd1.trajectories import generate_trajectories
+    from ddcore.params import FlowParams, SamplingParams, TrajectoryParams
+
+    return generate_trajectories(
+        small_llamagen_teacher(seed),
+        SamplingParams(),
+        FlowParams(steps=16),
+        TrajectoryParams(num_pairs=num_pairs, shard_size=48, batch_size=48, seed=seed),
+        out_dir,
+        progress=False,
+    )
+
+
+def ddp_train_worker(rank: int, world: int, port: int, traj_dir: str, out_dir: str, train_kw: dict) -> None:
+    """One rank of the DDP equivalence test (gloo on CPU, loopback)."""
+    import os
+
+    import torch
+
+    from ddcore.dd1.train import train_student
+    from ddcore.params import StudentParams, TrainParams
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    train_student(
+        small_llamagen_teacher(0),
+        traj_dir,
+        StudentParams(t_list=[0, 6], split_t=10),
+        TrainParams(**train_kw),
+        out_dir,
+        device="cpu",
+        progress=False,
+    )

@@ -1,0 +1,195 @@
+"""DD1 student training: loss, data order, logging/outputs, exact resume, LPIPS availability."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dd1_toy import make_small_trajectories, small_llamagen_teacher
+from safetensors.torch import load_file
+
+from ddcore.dd1.student import DD1Student
+from ddcore.dd1.train import (
+    LOG_COLUMNS,
+    LPIPSUnavailable,
+    dd1_loss,
+    load_student,
+    lr_at,
+    step_batch,
+    train_student,
+)
+from ddcore.dd1.trajectories import TrajectoryDataset
+from ddcore.params import StudentParams, TrainParams
+
+SP = StudentParams(t_list=[0, 6], split_t=10)
+
+
+def _tp(**kw) -> TrainParams:
+    base = dict(
+        steps=10,
+        batch_size=8,
+        lr=2e-3,
+        warmup_steps=2,
+        val_pairs=16,
+        val_every=2,
+        ckpt_every=100,
+        ema_decay=0.9,
+    )
+    return TrainParams(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def traj(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("traj")
+    make_small_trajectories(d)
+    return d
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_dd1_loss_masks_given_positions_and_splits_exactly():
+    torch.manual_seed(0)
+    B, L, V, d = 4, 5, 7, 3
+    logits, cont = torch.randn(B, L, V), torch.randn(B, L, d)
+    targets, cb = torch.randint(0, V, (B, L)), torch.randn(V, d)
+    t = torch.tensor([0, 2, 4, 1])
+    loss, parts = dd1_loss(logits, cont, targets, t, cb, ce_weight=1.0, mse_weight=0.5)
+    ce = mse = 0.0
+    for b in range(B):
+        for i in range(int(t[b]), L):
+            ce += -torch.log_softmax(logits[b, i], -1)[targets[b, i]]
+            mse += ((cont[b, i] - cb[targets[b, i]]) ** 2).mean()
+    torch.testing.assert_close(parts["ce"], ce / (B * L))
+    torch.testing.assert_close(parts["mse"], mse / (B * L))
+    torch.testing.assert_close(loss, (ce + 0.5 * mse) / (B * L))
+    # the normalisation makes the full-batch loss the mean of equal-size shards' losses (DDP)
+    a, _ = dd1_loss(logits[:2], cont[:2], targets[:2], t[:2], cb, 1.0, 0.5)
+    b, _ = dd1_loss(logits[2:], cont[2:], targets[2:], t[2:], cb, 1.0, 0.5)
+    torch.testing.assert_close(loss, (a + b) / 2)
+    # positions before t carry no gradient
+    logits.requires_grad_(True)
+    dd1_loss(logits, cont, targets, t, cb, 1.0, 0.5)[0].backward()
+    assert (logits.grad[2, :4] == 0).all() and (logits.grad[2, 4] != 0).any()
+
+
+def test_step_batch_is_a_pure_function_covering_each_epoch():
+    n, bs = 20, 8
+    a = step_batch(3, bs, n, [0, 6], seed=1)
+    assert torch.equal(a.idx, step_batch(3, bs, n, [0, 6], seed=1).idx)
+    assert torch.equal(a.t, step_batch(3, bs, n, [0, 6], seed=1).t)
+    first_epoch = torch.cat([step_batch(s, bs, n, [0], 1).idx for s in range(5)])[:n]
+    assert sorted(first_epoch.tolist()) == list(range(n))
+    assert set(torch.cat([step_batch(s, bs, n, [0, 6], 1).t for s in range(10)]).tolist()) == {0, 6}
+    assert not torch.equal(step_batch(0, bs, n, [0], 1).idx, step_batch(0, bs, n, [0], 2).idx)
+
+
+def test_lr_schedule():
+    p = _tp(steps=100, warmup_steps=10, lr=1.0)
+    assert lr_at(0, p) == pytest.approx(0.1) and lr_at(9, p) == pytest.approx(1.0)
+    assert lr_at(10, p) == pytest.approx(1.0) and lr_at(100, p) == pytest.approx(0.1)
+    assert lr_at(40, p) > lr_at(80, p)
+
+
+def test_training_learns_logs_and_saves(traj, tmp_path):
+    teacher = small_llamagen_teacher(0)
+    seen = []
+    out = tmp_path / "student"
+    summary = train_student(
+        teacher, traj, SP, _tp(steps=40, val_every=10), out, device="cpu", progress=False, log_fn=seen.append
+    )
+    rows = _rows(out / "train_log.csv")
+    assert list(rows[0]) == list(LOG_COLUMNS)
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40] and len(seen) == 4
+    assert seen[-1]["step"] == 40 and set(LOG_COLUMNS) <= set(seen[-1])
+    assert float(rows[-1]["ce"]) < 0.8 * float(rows[0]["ce"])
+    assert float(rows[-1]["mse"]) < float(rows[0]["mse"])
+    for r in rows:
+        assert 0.0 <= float(r["val_acc_t0"]) <= 1.0 and 0.0 <= float(r["val_acc_t2"]) <= 1.0
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["t_list"] == [0, 6] and meta["split_t"] == 10 and meta["weights"] == "ema"
+    assert (
+        meta["teacher_fingerprint"]
+        == json.loads((traj / "manifest.json").read_text())["teacher"]["fingerprint"]
+    )
+    assert summary["steps"] == 40 and not (out / "checkpoint.pt").exists()
+    marg = load_file(str(out / "baseline.safetensors"))["marginals"]
+    ds = TrajectoryDataset(traj)
+    torch.testing.assert_close(marg, ds.marginals(torch.arange(len(ds) - 16)).float())
+    # the saved student is the EMA model and reloads exactly; its val accuracy is what was logged
+    student, _ = load_student(out, teacher, device="cpu")
+    assert isinstance(student, DD1Student)
+    sd = load_file(str(out / "student.safetensors"))
+    assert all(torch.equal(v, sd[k]) for k, v in student.state_dict().items())
+    idx = torch.arange(len(ds) - 16, len(ds))
+    x, tok, lab = ds.batch(idx, torch.zeros(16, dtype=torch.long), teacher.codebook)
+    with torch.no_grad():
+        logits, _ = student(x, lab, torch.zeros(16, dtype=torch.long))
+    acc = (logits.argmax(-1) == tok).float().mean().item()
+    assert acc == pytest.approx(float(rows[-1]["val_acc_t0"]), abs=1e-6)
+    # finished: a second call returns the recorded summary without training
+    mtime = (out / "student.safetensors").stat().st_mtime_ns
+    assert (
+        train_student(teacher, traj, SP, _tp(steps=40, val_every=10), out, device="cpu", progress=False)
+        == summary
+    )
+    assert (out / "student.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_kill_and_resume_equals_straight_run(traj, tmp_path):
+    teacher = small_llamagen_teacher(0)
+    straight = tmp_path / "straight"
+    train_student(teacher, traj, SP, _tp(ckpt_every=3), straight, device="cpu", progress=False)
+    resumed = tmp_path / "resumed"
+    # killed after step 5; the last checkpoint is step 3, rows were logged at steps 2 and 4
+    assert train_student(
+        teacher, traj, SP, _tp(ckpt_every=3), resumed, device="cpu", progress=False, stop_at=5
+    ) == {"stopped_at": 5}
+    state = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and [int(r["step"]) for r in _rows(resumed / "train_log.csv")] == [2, 4]
+    train_student(teacher, traj, SP, _tp(ckpt_every=3), resumed, device="cpu", progress=False)
+    a, b = load_file(str(straight / "student.safetensors")), load_file(str(resumed / "student.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+    ra, rb = _rows(straight / "train_log.csv"), _rows(resumed / "train_log.csv")
+    assert [int(r["step"]) for r in rb] == [2, 4, 6, 8, 10]
+    for x, y in zip(ra, rb, strict=True):
+        for k in ("loss", "ce", "mse", "val_acc_t0", "val_acc_t2", "lr"):
+            assert float(x[k]) == pytest.approx(float(y[k]), rel=1e-6, abs=1e-9), (k, x, y)
+
+
+def test_changed_params_do_not_resume_a_foreign_checkpoint(traj, tmp_path):
+    teacher = small_llamagen_teacher(0)
+    out = tmp_path / "s"
+    train_student(teacher, traj, SP, _tp(ckpt_every=2), out, device="cpu", progress=False, stop_at=3)
+    with pytest.raises(ValueError, match="another run"):
+        train_student(teacher, traj, SP, _tp(ckpt_every=2, lr=1e-4), out, device="cpu", progress=False)
+
+
+def test_wrong_teacher_is_refused(traj, tmp_path):
+    with pytest.raises(ValueError, match="trajectories come from teacher"):
+        train_student(
+            small_llamagen_teacher(1), traj, SP, _tp(), tmp_path / "s", device="cpu", progress=False
+        )
+
+
+def _lpips_backbone_cached() -> bool:
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    return any(hub.glob("alexnet-*.pth"))
+
+
+def test_lpips_weight_needs_lpips(traj, tmp_path):
+    teacher = small_llamagen_teacher(0)
+    tp = _tp(steps=2, lpips_weight=0.5)
+    if _lpips_backbone_cached():
+        train_student(teacher, traj, SP, tp, tmp_path / "s", device="cpu", progress=False)
+        assert float(_rows(tmp_path / "s" / "train_log.csv")[-1]["lpips"]) > 0
+    else:
+        with pytest.raises(LPIPSUnavailable, match="^LPIPS unavailable: "):
+            train_student(teacher, traj, SP, tp, tmp_path / "s", device="cpu", progress=False)
