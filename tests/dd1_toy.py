@@ -1,4 +1,4 @@
-"""A Markov-chain `Teacher` with exactly computable marginals, for the DD1 statistical tests.
+"""DD1 test helpers: a Markov-chain `Teacher` with exact marginals, a chi-square test, small LlamaGen teachers.
 
 p(q_0 | y) = softmax(A[y]),  p(q_i | q_{i-1}, y) = softmax(T[q_{i-1}] + B[y]), with the sampling
 params applied exactly as LlamaGen does (CFG on the class term, temperature, top-k, top-p), so
@@ -11,11 +11,31 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import Tensor
 
 from ddcore.params import SamplingParams
 from ddcore.sampling import cfg_logits, logits_to_probs
 from ddcore.teachers.base import StepState, Teacher
+
+
+def chi2_pvalue(counts: torch.Tensor, p: torch.Tensor) -> float:
+    """Pearson goodness of fit; cells with expected count < 5 are pooled; a count in a p=0 cell -> 0."""
+    n = counts.sum().item()
+    counts, p = counts.double(), p.double()
+    if (counts[p == 0] > 0).any():
+        return 0.0
+    exp = n * p / p.sum()
+    big = exp >= 5
+    obs_cells = [*counts[big].tolist()]
+    exp_cells = [*exp[big].tolist()]
+    rest = (~big) & (p > 0)
+    if rest.any():
+        obs_cells.append(counts[rest].sum().item())
+        exp_cells.append(exp[rest].sum().item())
+    if len(obs_cells) < 2:
+        return 1.0
+    return float(stats.chisquare(obs_cells, exp_cells).pvalue)
 
 
 @dataclass

@@ -11,8 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dd1_toy import MarkovTeacher
-from scipy import stats
+from dd1_toy import MarkovTeacher, chi2_pvalue
 
 from ddcore import dirac
 from ddcore.dd1.flowmap import FlowChooser, FlowSolver
@@ -42,25 +41,6 @@ def _probs(kind: str) -> torch.Tensor:
 
 def _noise(n: int, seed: int = 2, d: int = D) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
-
-
-def chi2_pvalue(counts: torch.Tensor, p: torch.Tensor) -> float:
-    """Pearson goodness of fit; cells with expected count < 5 are pooled; a count in a p=0 cell -> 0."""
-    n = counts.sum().item()
-    counts, p = counts.double(), p.double()
-    if (counts[p == 0] > 0).any():
-        return 0.0
-    exp = n * p / p.sum()
-    big = exp >= 5
-    obs_cells = [*counts[big].tolist()]
-    exp_cells = [*exp[big].tolist()]
-    rest = (~big) & (p > 0)
-    if rest.any():
-        obs_cells.append(counts[rest].sum().item())
-        exp_cells.append(exp[rest].sum().item())
-    if len(obs_cells) < 2:
-        return 1.0
-    return float(stats.chisquare(obs_cells, exp_cells).pvalue)
 
 
 def _perturbed(p: torch.Tensor, amount: float = 0.04) -> torch.Tensor:

@@ -1,0 +1,231 @@
+"""DD1 few-step samplers (ImageSampler implementations) and the sampler factory of a preset.
+
+All samplers draw each image's noise eps (L, d) from its seed (rounded to fp16, as in the
+trajectory data), so a DD1 sample and the flow-map teacher sample with the same seed are the
+two ends of the same trajectory.
+
+* `dd1-1step`: X_0 = eps -> one student pass.
+* `dd1-2step`: one pass, keep the first t2 predicted tokens, put the *same* eps back into the
+  other positions (X_t2), second pass.
+* `dd1-teacher-<n>-<m>` (DD1's "pre-trained-(n+1)-(m+1)"): one student pass; snap its first n
+  tokens to the codebook; the teacher regenerates positions n..m-1 from that prefix with the
+  same noise through the flow chooser; a student pass from X_m. n = 0 skips the first pass.
+* `teacher-flow`: the teacher with the flow chooser (the distillation target itself).
+The student runs one forward pass per step, without a CFG pass (guidance is in the data).
+`steps` counts sequential network evaluations; for the teacher-assisted sampler the prefix is
+counted as one (parallel) evaluation, as in DD1's step counts.
+
+Decoding: positions < split_t decode codebook[argmax logits]; positions >= split_t decode the
+continuous outputs directly (VQ decoder without quantisation). `tokens()` returns argmax
+indices below split_t and the nearest codebook entry of the continuous output above it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ddcore.dd1.baseline import OneStepBaselineSampler, load_marginals
+from ddcore.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.dd1.student import DD1Student
+from ddcore.dd1.train import load_student
+from ddcore.dd1.trajectories import build_xt
+from ddcore.params import FlowParams, SamplingParams
+from ddcore.samplers import TeacherSampler
+from ddcore.teachers.base import Teacher
+
+__all__ = [
+    "DD1Sampler",
+    "DD1TeacherAssistedSampler",
+    "FlowTeacherSampler",
+    "SAMPLER_NAMES",
+    "build_samplers",
+]
+
+SAMPLER_NAMES = (
+    "teacher",
+    "teacher-flow",
+    "dd1-1step",
+    "dd1-2step",
+    "dd1-teacher-<n>-<m>",
+    "onestep-baseline",
+)
+_TEACHER_ASSISTED = re.compile(r"^dd1-teacher-(\d+)-(\d+)$")
+
+
+def _noise(teacher: Teacher, seeds: Sequence[int]) -> Tensor:
+    return teacher.noise(seeds).half().float()
+
+
+class _StudentSteps:
+    """Shared student read-out: one DD step from X_t and the final decode."""
+
+    student: DD1Student
+    teacher: Teacher
+    split_t: int
+
+    def _dd_step(self, x: Tensor, labels: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """(vectors (B, L, d), tokens (B, L)) of one student pass from X_t."""
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return self.student.predict_vectors(x, labels.to(x.device), tt, self.split_t)
+
+    def _tokens_of(self, vec: Tensor, tok: Tensor) -> Tensor:
+        if self.split_t >= vec.shape[1]:
+            return tok
+        near = self.student.nearest_indices(vec)
+        use_tok = torch.arange(vec.shape[1], device=vec.device)[None, :] < self.split_t
+        return torch.where(use_tok, tok, near)
+
+    def _run(self, labels: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def tokens(self, labels: Tensor, seeds: Sequence[int]) -> Tensor:
+        vec, tok = self._run(labels, seeds)
+        return self._tokens_of(vec, tok)
+
+    @torch.no_grad()
+    def images(self, labels: Tensor, seeds: Sequence[int]) -> Tensor:
+        vec, _ = self._run(labels, seeds)
+        return self.teacher.decode_vectors(vec)
+
+
+class DD1Sampler(_StudentSteps):
+    """1-step (X_0 -> X_L) or 2-step (X_0 -> keep tokens < t2 -> X_t2 with the same noise -> X_L)."""
+
+    def __init__(
+        self,
+        student: DD1Student,
+        teacher: Teacher,
+        mode: str = "1step",
+        t2: int | None = None,
+        split_t: int | None = None,
+        name: str | None = None,
+    ):
+        if mode not in ("1step", "2step"):
+            raise ValueError(f"mode {mode!r}: allowed '1step', '2step'")
+        if mode == "2step" and (t2 is None or not 0 < t2 < teacher.seq_len):
+            raise ValueError(f"2-step sampling needs 0 < t2 < {teacher.seq_len}, got {t2}")
+        self.student = student.to(teacher.device).eval()
+        self.teacher, self.mode, self.t2 = teacher, mode, t2
+        self.split_t = teacher.seq_len if split_t is None else int(split_t)
+        self.name = name or f"dd1-{mode}"
+        self.steps = 1 if mode == "1step" else 2
+
+    def _run(self, labels: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        eps = _noise(self.teacher, seeds)
+        vec, tok = self._dd_step(eps, labels, 0)
+        if self.mode == "2step":
+            is_data = torch.arange(eps.shape[1], device=eps.device)[None, :, None] < self.t2
+            vec, tok = self._dd_step(torch.where(is_data, vec, eps), labels, self.t2)
+        return vec, tok
+
+
+class DD1TeacherAssistedSampler(_StudentSteps):
+    """DD step -> snap tokens < n -> teacher (flow chooser, same noise) fills n..m-1 -> DD step from X_m."""
+
+    def __init__(
+        self,
+        student: DD1Student,
+        teacher: Teacher,
+        teacher_start_t: int,
+        t2: int,
+        sampling_params: SamplingParams,
+        flow_params: FlowParams | None = None,
+        split_t: int | None = None,
+        name: str | None = None,
+    ):
+        L = teacher.seq_len
+        if not 0 <= teacher_start_t < t2 <= L:
+            raise ValueError(f"need 0 <= teacher_start_t < t2 <= {L}, got {teacher_start_t}, {t2}")
+        starts = [*teacher.step_starts, L]
+        if teacher_start_t not in starts or t2 not in starts:
+            raise ValueError(f"teacher_start_t and t2 must be AR step boundaries of the teacher: {starts}")
+        self.student = student.to(teacher.device).eval()
+        self.teacher, self.n, self.m, self.params = teacher, int(teacher_start_t), int(t2), sampling_params
+        self.chooser = FlowChooser(teacher.codebook, FlowSolver.from_params(flow_params or FlowParams()))
+        self.split_t = L if split_t is None else int(split_t)
+        self.name = name or f"dd1-teacher-{self.n}-{self.m}"
+        teacher_evals = sum(1 for s in teacher.step_starts if self.n <= s < self.m)
+        self.steps = int(self.n > 0) + teacher_evals + int(self.m < L)
+
+    def _run(self, labels: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        eps = _noise(self.teacher, seeds)
+        prefix = None
+        if self.n > 0:
+            vec, tok = self._dd_step(eps, labels, 0)
+            prefix = self._tokens_of(vec, tok)[:, : self.n]  # snap to the codebook
+        gen = self.teacher.generate(
+            labels, self.params, eps, chooser=self.chooser, prefix=prefix, stop=self.m
+        )
+        L = eps.shape[1]
+        if self.m == L:
+            return self.teacher.codebook[gen], gen
+        x = build_xt(eps, gen.clamp_min(0), self.m, self.teacher.codebook)
+        return self._dd_step(x, labels, self.m)
+
+
+class FlowTeacherSampler(TeacherSampler):
+    """The teacher with the DD1 flow chooser: what the student is trained to reproduce."""
+
+    def __init__(self, teacher: Teacher, params: SamplingParams, flow_params: FlowParams | None = None):
+        super().__init__(teacher, params, name="teacher-flow")
+        self.chooser = FlowChooser(teacher.codebook, FlowSolver.from_params(flow_params or FlowParams()))
+
+    @torch.no_grad()
+    def tokens(self, labels: Tensor, seeds: Sequence[int]) -> Tensor:
+        return self.teacher.generate(labels, self.params, _noise(self.teacher, seeds), chooser=self.chooser)
+
+
+def build_samplers(names: Sequence[str], teacher: Teacher, student_dir: str | os.PathLike, preset) -> list:
+    """The `ImageSampler`s named in `names` (see SAMPLER_NAMES) for a preset's teacher and student."""
+    student_dir = Path(student_dir)
+    cache: dict = {}
+
+    def student() -> tuple[DD1Student, dict]:
+        if "s" not in cache:
+            cache["s"] = load_student(student_dir, teacher, device=teacher.device)
+        return cache["s"]
+
+    out = []
+    for name in names:
+        if name == "teacher":
+            out.append(TeacherSampler(teacher, preset.teacher.sampling))
+        elif name == "teacher-flow":
+            out.append(FlowTeacherSampler(teacher, preset.teacher.sampling, preset.flow))
+        elif name == "onestep-baseline":
+            out.append(OneStepBaselineSampler(load_marginals(student_dir), teacher))
+        elif name in ("dd1-1step", "dd1-2step"):
+            s, meta = student()
+            t_list = meta["t_list"]
+            mode = name.removeprefix("dd1-")
+            if mode == "2step" and len(t_list) < 2:
+                raise ValueError(
+                    f"{name}: the student was trained with t_list {t_list}; 2-step needs a second t"
+                )
+            out.append(
+                DD1Sampler(
+                    s, teacher, mode, t2=t_list[1] if mode == "2step" else None, split_t=meta["split_t"]
+                )
+            )
+        elif m := _TEACHER_ASSISTED.match(name):
+            s, meta = student()
+            out.append(
+                DD1TeacherAssistedSampler(
+                    s,
+                    teacher,
+                    int(m.group(1)),
+                    int(m.group(2)),
+                    preset.teacher.sampling,
+                    preset.flow,
+                    meta["split_t"],
+                )
+            )
+        else:
+            raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}")
+    return out
