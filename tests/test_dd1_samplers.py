@@ -133,5 +133,8 @@ def test_build_samplers_from_a_trained_student(tmp_path):
     for s in samplers:
         img = s.images(LABELS[:2], SEEDS[:2])
         assert img.shape == (2, 3, 8, 8) and float(img.min()) >= 0.0 and float(img.max()) <= 1.0
+        if hasattr(s, "tokens_and_images"):  # one run gives what tokens() and images() give
+            tok, img2 = s.tokens_and_images(LABELS[:2], SEEDS[:2])
+            assert torch.equal(tok, s.tokens(LABELS[:2], SEEDS[:2])) and torch.equal(img2, img)
     with pytest.raises(ValueError, match="unknown sampler"):
         build_samplers(["dd1-3step"], teacher, tmp_path / "student", preset)

@@ -56,3 +56,8 @@ class OneStepBaselineSampler:
     @torch.no_grad()
     def images(self, labels: Tensor, seeds: Sequence[int]) -> Tensor:
         return self.teacher.decode(self.tokens(labels, seeds))
+
+    @torch.no_grad()
+    def tokens_and_images(self, labels: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        tok = self.tokens(labels, seeds)
+        return tok, self.teacher.decode(tok)

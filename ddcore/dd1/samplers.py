@@ -94,6 +94,12 @@ class _StudentSteps:
         vec, _ = self._run(labels, seeds)
         return self.teacher.decode_vectors(vec)
 
+    @torch.no_grad()
+    def tokens_and_images(self, labels: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Both from one sampling run (evaluation asks for both)."""
+        vec, tok = self._run(labels, seeds)
+        return self._tokens_of(vec, tok), self.teacher.decode_vectors(vec)
+
 
 class DD1Sampler(_StudentSteps):
     """1-step (X_0 -> X_L) or 2-step (X_0 -> keep tokens < t2 -> X_t2 with the same noise -> X_L)."""
@@ -180,6 +186,11 @@ class FlowTeacherSampler(TeacherSampler):
     @torch.no_grad()
     def tokens(self, labels: Tensor, seeds: Sequence[int]) -> Tensor:
         return self.teacher.generate(labels, self.params, _noise(self.teacher, seeds), chooser=self.chooser)
+
+    @torch.no_grad()
+    def tokens_and_images(self, labels: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        tok = self.tokens(labels, seeds)
+        return tok, self.teacher.decode(tok)
 
 
 def build_samplers(names: Sequence[str], teacher: Teacher, student_dir: str | os.PathLike, preset) -> list:
