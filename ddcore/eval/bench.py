@@ -150,11 +150,15 @@ def with_compiled(samplers: Sequence, enabled: bool) -> list:
 
 
 def _teacher_of(samplers: Sequence) -> tuple[object | None, object | None]:
-    """(the teacher sampler, its Teacher) if the case has one."""
+    """(the plain teacher sampler, its Teacher) if the case has one.
+
+    Only an exact TeacherSampler counts: subclasses such as the flow-chooser teacher draw their
+    tokens differently and are timed as black boxes like any other sampler.
+    """
     from ddcore.samplers import TeacherSampler
 
     for s in samplers:
-        if isinstance(s, TeacherSampler):
+        if type(s) is TeacherSampler:
             return s, s.teacher
     for s in samplers:
         if getattr(s, "teacher", None) is not None:
@@ -162,26 +166,33 @@ def _teacher_of(samplers: Sequence) -> tuple[object | None, object | None]:
     return None, None
 
 
-def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int | None) -> dict:
-    """Generation and VQ decoding of the teacher timed separately (images = decode(generate))."""
+def _decode_cost(teacher, batch: int, repeats: int, warmup: int) -> tuple[float, dict]:
+    """VQ decode time of one batch (the cost does not depend on which tokens are decoded)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, teacher.vocab_size, (batch, teacher.seq_len), generator=g)
+    with torch.no_grad(), peak_memory(teacher.device) as mem:
+        dec = time_call(lambda: teacher.decode(tokens), repeats, warmup)
+    return dec, mem
+
+
+def _max_mem(*mems: dict) -> dict:
+    vals = [m["peak_mem_mb"] for m in mems if m.get("peak_mem_mb") is not None]
+    return {"peak_mem_mb": max(vals) if vals else None, "peak_mem_kind": mems[0].get("peak_mem_kind")}
+
+
+def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int | None, decode) -> dict:
+    """Generation timed on its own; images = decode(generate), so decode is added from `decode`."""
     teacher, params = ts.teacher, ts.params
     labels, seeds = _inputs(teacher.num_classes, batch)
     n = teacher.seq_len if not max_tokens or max_tokens >= teacher.seq_len else max_tokens
     stop = n
     if n < teacher.seq_len:  # stop must fall on a step boundary
         stop = next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= n)
-    with torch.no_grad():
+    with torch.no_grad(), peak_memory(teacher.device) as mem:
         gen = time_call(
             lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop), repeats, warmup
         )
-        # decoding cost does not depend on which tokens are decoded
-        tokens = torch.randint(
-            0, teacher.vocab_size, (batch, teacher.seq_len), generator=torch.Generator().manual_seed(0)
-        )
-        dec = time_call(lambda: teacher.decode(tokens), repeats, warmup)
-        with peak_memory(teacher.device) as mem:
-            teacher.generate(labels, params, teacher.noise(seeds), stop=stop)
-            teacher.decode(tokens)
+    dec, dec_mem = decode
     gen_full = gen * teacher.seq_len / stop
     out = {
         "batch": batch,
@@ -189,28 +200,27 @@ def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int 
         "generate_seconds": gen_full,
         "decode_seconds": dec,
         "decode_share": dec / (gen_full + dec),
-        **mem,
+        **_max_mem(mem, dec_mem),
     }
     if stop < teacher.seq_len:
         out["extrapolated_from_tokens"] = stop
     return out
 
 
-def _measure_sampler(s, teacher, batch: int, repeats: int, warmup: int) -> dict:
+def _measure_sampler(s, teacher, batch: int, repeats: int, warmup: int, decode) -> dict:
+    """Whole images() calls; peak memory over the same (warm-up and timed) calls."""
     num_classes = teacher.num_classes if teacher is not None else 1
     labels, seeds = _inputs(num_classes, batch)
-    with torch.no_grad():
+    device = teacher.device if teacher is not None else "cpu"
+    with torch.no_grad(), peak_memory(device) as mem:
         total = time_call(lambda: s.images(labels, seeds), repeats, warmup)
-        out = {"batch": batch, "seconds": total}
-        if teacher is not None:
-            # every sampler ends in the same VQ decoder; its cost on this batch bounds the decode share
-            tokens = s.tokens(labels, seeds)
-            dec = time_call(lambda: teacher.decode(tokens), repeats, min(warmup, 1))
-            out["decode_seconds"] = dec
-            out["decode_share"] = min(1.0, dec / total)
-        with peak_memory(teacher.device if teacher is not None else "cpu") as mem:
-            s.images(labels, seeds)
-    return {**out, **mem}
+    out = {"batch": batch, "seconds": total, **mem}
+    if decode is not None:
+        # every sampler ends in the teacher's VQ decoder (students decode continuous vectors
+        # with the same network), so the teacher's decode time is the decode part of `total`
+        out["decode_seconds"] = decode[0]
+        out["decode_share"] = min(1.0, decode[0] / total)
+    return out
 
 
 def bench_case(
@@ -232,6 +242,12 @@ def bench_case(
     lat_b, thr_b = int(batch_sizes[0]), int(batch_sizes[-1])
     teacher_sampler, teacher = _teacher_of(samplers)
     samplers = with_compiled(samplers, compile)
+    decode = {}
+    if teacher is not None:
+        for b in dict.fromkeys((lat_b, thr_b)):
+            if progress:
+                print(f"[bench {case_name}] VQ decode batch {b}", flush=True)
+            decode[b] = _decode_cost(teacher, b, repeats, warmup)
     rows: dict[str, dict] = {}
     for s in samplers:
         per_batch = {}
@@ -239,9 +255,9 @@ def bench_case(
             if progress:
                 print(f"[bench {case_name}] {s.name} batch {b}", flush=True)
             if s is teacher_sampler:
-                per_batch[b] = _measure_teacher(s, b, repeats, warmup, max_tokens)
+                per_batch[b] = _measure_teacher(s, b, repeats, warmup, max_tokens, decode[b])
             else:
-                per_batch[b] = _measure_sampler(s, teacher, b, repeats, warmup)
+                per_batch[b] = _measure_sampler(s, teacher, b, repeats, warmup, decode.get(b))
         lat, thr = per_batch[lat_b], per_batch[thr_b]
         rows[s.name] = {
             "steps": int(s.steps),
@@ -312,6 +328,24 @@ def llamagen_random_samplers(
     return samplers
 
 
+# DD1's official split_t for LlamaGen by model width (README commands: B 80, L 130); 2-step t2 = 80
+DD1_LLAMAGEN_SPLIT = {768: 80, 1024: 130}
+DD1_LLAMAGEN_T2 = 80
+
+
+def dd1_random_students(teacher) -> list:
+    """DD1 1-step and 2-step samplers with a student initialised from the (random) teacher GPT."""
+    from ddcore.dd1.samplers import DD1Sampler
+    from ddcore.dd1.student import DD1Student
+
+    split = DD1_LLAMAGEN_SPLIT.get(teacher.gpt.cfg.dim, teacher.seq_len)
+    student = DD1Student.from_teacher(teacher.gpt, teacher.codebook)
+    return [
+        DD1Sampler(student, teacher, "1step", split_t=split),
+        DD1Sampler(student, teacher, "2step", t2=min(DD1_LLAMAGEN_T2, teacher.seq_len - 1), split_t=split),
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # the stage entry point
 # --------------------------------------------------------------------------------------------
@@ -326,7 +360,7 @@ def bench_samplers(
     max_tokens: int | None = None,
     random_case_batch_sizes: Sequence[int] | None = None,
     random_case_max_tokens: int | None = None,
-    student_builder: Callable[[object], Sequence] | None = None,
+    student_builder: Callable[[object], Sequence] | None = dd1_random_students,
     extra: Mapping[str, Any] | None = None,
     compile: bool | None = None,
     progress: bool = True,
@@ -334,7 +368,8 @@ def bench_samplers(
     """Benchmark `samplers` (and any random-architecture cases) and write `out_dir`/bench.json.
 
     `params` is the preset's BenchParams, or just a case name for `samplers`. In `params.cases`,
-    names from RANDOM_CASES build random-weight LlamaGen teachers; the first other name labels
+    names from RANDOM_CASES build random-weight LlamaGen teachers, with the students that
+    `student_builder(teacher)` returns (default: DD1 1-/2-step); the first other name labels
     `samplers` (default "world"). On CPU the random cases default to batch sizes (1, 2) and
     timing 16 tokens (extrapolated, labelled); on CUDA to the full (1, throughput_batch) run.
     `compile` (default: on when CUDA is available) adds the `compiled()` variants of samplers.

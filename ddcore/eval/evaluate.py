@@ -95,12 +95,13 @@ def build_reference(
 
 
 def _find_teacher_sampler(samplers: Sequence) -> object | None:
+    """The teacher's own multinomial sampler: named "teacher", else an exact TeacherSampler
+    (subclasses such as the flow-chooser teacher are students' targets, not the reference)."""
     from ddcore.samplers import TeacherSampler
 
-    for s in samplers:
-        if isinstance(s, TeacherSampler) or s.name == "teacher":
-            return s
-    return None
+    by_name = [s for s in samplers if s.name == "teacher"]
+    exact = [s for s in samplers if type(s) is TeacherSampler]
+    return (by_name or exact or [None])[0]
 
 
 def is_splits(n: int) -> int:
