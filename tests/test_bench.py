@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from ddcore.eval import bench as bench_mod
-from ddcore.eval.bench import bench_case, bench_samplers, machine_info, peak_memory, time_call
+from ddcore.eval.bench import (
+    bench_case,
+    bench_samplers,
+    dd1_random_students,
+    machine_info,
+    peak_memory,
+    time_call,
+)
 from ddcore.eval.report import render_results_table
 from ddcore.params import BenchParams, SamplingParams
 from ddcore.samplers import TeacherSampler
@@ -183,9 +190,13 @@ def test_real_small_llamagen_teacher_runs_through_bench():
         )
     )
     teacher = LlamaGenTeacher(gpt.eval(), vq.eval(), num_classes=3, image_size=8)
-    case = bench_case(
-        [TeacherSampler(teacher, SamplingParams(cfg_scale=2.0))], "small", (1, 2), 1, 1, progress=False
-    )
+    samplers = [TeacherSampler(teacher, SamplingParams(cfg_scale=2.0)), *dd1_random_students(teacher)]
+    case = bench_case(samplers, "small", (1, 2), 1, 1, progress=False)
     t = case["samplers"]["teacher"]
     assert t["sec_per_image"] > 0 and 0 < t["decode_share"] < 1 and t["speedup"] == 1.0
     assert case["teacher"]["ms_per_token_b1"] > 0 and case["teacher"]["seq_len"] == 16
+    s1, s2 = case["samplers"]["dd1-1step"], case["samplers"]["dd1-2step"]
+    assert (s1["steps"], s2["steps"]) == (1, 2)
+    for r in (s1, s2):
+        assert r["sec_per_image"] > 0
+        assert r["speedup"] == pytest.approx(t["sec_per_image"] / r["sec_per_image"])
