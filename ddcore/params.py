@@ -62,6 +62,7 @@ class TinyWorldParams(Strict):
     vq_ch: int = Field(default=32, ge=8)
     vq_ch_mult: list[int] = [1, 2, 2]
     vq_z_channels: int = Field(default=64, ge=8)
+    vq_num_res_blocks: int = Field(default=1, ge=1)
     vq_steps: int = Field(default=1500, ge=1)
     vq_batch_size: int = Field(default=64, ge=1)
     vq_lr: float = Field(default=1e-3, gt=0)
@@ -74,6 +75,16 @@ class TinyWorldParams(Strict):
     class_dropout_prob: float = Field(default=0.1, ge=0.0, lt=1.0)
     evaluator_steps: int = Field(default=800, ge=1)
     evaluator_batch_size: int = Field(default=128, ge=1)
+    evaluator_lr: float = Field(default=2e-3, gt=0)
+    holdout_images: int = Field(default=2000, ge=10, description="held-out real images for the accuracies")
+    quality_samples_per_class: int = Field(default=50, ge=1, description="teacher samples per class")
+    min_evaluator_accuracy: float = Field(
+        default=0.98, ge=0.0, le=1.0, description="quality bar, real images"
+    )
+    min_recon_ratio: float = Field(
+        default=0.95, ge=0.0, le=1.0, description="quality bar, recon/real accuracy"
+    )
+    min_sample_accuracy: float = Field(default=0.90, ge=0.0, le=1.0, description="quality bar, CFG samples")
 
 
 class TeacherParams(Strict):
