@@ -5,7 +5,8 @@ Evaluation and benchmarks only ever see `ImageSampler`, so adding a sampler neve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -43,3 +44,27 @@ class TeacherSampler:
     @torch.no_grad()
     def images(self, labels: Tensor, seeds: Sequence[int]) -> Tensor:
         return self.teacher.decode(self.tokens(labels, seeds))
+
+    @property
+    def compiled(self) -> Callable[[], TeacherSampler]:
+        """`sampler.compiled()`: the same sampler (same class, params, chooser) named
+        f"{name}+compile" over `teacher.compile()`, which shares the teacher's weights.
+
+        Only teachers with a `compile()` have a compiled variant; for the others reading this
+        attribute raises AttributeError saying so, which is also what lets
+        `getattr(sampler, "compiled", None)` callers (the benchmark) skip them.
+        """
+        compile_teacher = getattr(self.teacher, "compile", None)
+        if not callable(compile_teacher):
+            raise AttributeError(
+                f"sampler {self.name!r} has no compiled variant: its teacher "
+                f"({type(self.teacher).__name__}) has no compile() method"
+            )
+
+        def make() -> TeacherSampler:
+            twin = copy.copy(self)
+            twin.teacher = compile_teacher()
+            twin.name = f"{self.name}+compile"
+            return twin
+
+        return make

@@ -9,11 +9,18 @@ Positions: the class token sits at position 0 and image token t (raster order) a
 `forward_teacher` is the teacher-forced forward (logits[:, i] predicts token i from the label and
 tokens[:, :i]); `prefill` / `decode_step` run the same network one token at a time over a
 preallocated KV cache, so greedy cached decoding equals the argmax of the full forward.
+
+Decoding has two equivalent paths. With an int position the step attends over the cache prefix
+(shapes change every token: fine eagerly). With the position as a device tensor
+(`decode_step_static`) it writes the cache by index and attends over the whole preallocated cache
+under a mask, so every position has the same shapes and needs no host sync: `compiled_decode`
+compiles that step once per batch size (CUDA graphs on CUDA), in the style of gpt-fast.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -241,12 +248,18 @@ class FeedForward(nn.Module):
 
 
 class KVCache:
-    """Preallocated (B, H_kv, S_max, hd) keys and values. A plain object: never in the state dict."""
+    """Preallocated (B, H_kv, S_max, hd) keys and values. A plain object: never in the state dict.
+
+    The tensors are marked as fixed-address inputs for torch.compile, so a CUDA graph of the
+    compiled decode step writes into them in place instead of copying them on every replay.
+    """
 
     def __init__(self, batch: int, max_seq: int, n_kv_head: int, head_dim: int, dtype, device):
         shape = (batch, n_kv_head, max_seq, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
 
     def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H, S, hd) at [start, start+S); return views of everything up to there."""
@@ -260,11 +273,17 @@ class KVCache:
         self.v[:b, :, start:end] = v
         return self.k[:b, :, :end], self.v[:b, :, :end]
 
-
-def _start_of(input_pos) -> int:
-    if isinstance(input_pos, Tensor):
-        return int(input_pos.reshape(-1)[0])
-    return int(input_pos)
+    def update_at(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, S, hd) at the cache indices `pos` (S,) held in a tensor; return the
+        whole (B, H, S_max, hd) caches. Static shapes and no host read of `pos`: the caller masks
+        the positions not written yet. Indices are not range-checked (that would sync)."""
+        b = k.shape[0]
+        if b > self.k.shape[0]:
+            raise ValueError(f"KV cache overflow: batch {b} vs {tuple(self.k.shape)}")
+        k_out, v_out = self.k[:b], self.v[:b]
+        k_out[:, :, pos] = k
+        v_out[:, :, pos] = v
+        return k_out, v_out
 
 
 class Attention(nn.Module):
@@ -284,9 +303,11 @@ class Attention(nn.Module):
         """x (B, S, dim); freqs_cis (S, hd/2, 2) for these positions.
 
         Without a cache (or input_pos None): causal attention when mask is None, else the given
-        mask (bool, True = attend, broadcastable to (B, H, S, S)). With a cache and input_pos (the
-        first position of x, int or tensor of consecutive positions): k/v are written there and
-        the queries attend to every cached position up to their own.
+        mask (bool, True = attend, broadcastable to (B, H, S, S)). With a cache and an int
+        input_pos (the first position of x): k/v are written there and the queries attend to
+        every cached position up to their own. With a cache and a tensor input_pos (S,) (the
+        cache index of each query): k/v are written at those indices and the queries attend over
+        the whole cache, masked to indices <= their own (or by `mask`, (S, S_max)).
         """
         bsz, seqlen, _ = x.shape
         kv = self.n_kv_head * self.head_dim
@@ -296,8 +317,12 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_kv_head, self.head_dim).transpose(1, 2)
 
         is_causal = False
-        if self.kv_cache is not None and input_pos is not None:
-            start = _start_of(input_pos)
+        if self.kv_cache is not None and isinstance(input_pos, Tensor):
+            k, v = self.kv_cache.update_at(input_pos, k, v)
+            if mask is None:
+                mask = input_pos[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :]
+        elif self.kv_cache is not None and input_pos is not None:
+            start = int(input_pos)
             k, v = self.kv_cache.update(start, k, v)
             if mask is None and seqlen > 1:
                 # queries at start..start+S-1 over keys 0..start+S-1
@@ -430,8 +455,10 @@ class GPT(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None) -> None:
         """Allocate per-layer KV caches for `max_seq_length` positions (class token included).
 
-        Rounded up to a multiple of 8 like LlamaGen; reused when the shape is unchanged (stale
-        entries are never read: each query attends only to positions already written).
+        Rounded up to a multiple of 8 like LlamaGen; reused when the shape is unchanged, so
+        repeated generations at one batch size allocate nothing and keep the addresses a CUDA
+        graph was recorded with (stale entries are never read: each query attends only to
+        positions already written).
         """
         dtype = dtype or self.dtype
         max_seq = find_multiple(max_seq_length, 8)
@@ -444,7 +471,7 @@ class GPT(nn.Module):
                 max_batch_size, max_seq, c.kv_heads, c.head_dim, dtype, self.device
             )
         self._cache_shape = shape
-        self._freqs(self.device)
+        torch._dynamo.mark_static_address(self._freqs(self.device))
 
     def clear_caches(self) -> None:
         for lay in self.layers:
@@ -465,12 +492,66 @@ class GPT(nn.Module):
         h = self.cls_embedding(labels, train=False)[:, : self.cfg.cls_token_num]
         return self._step(h, 0)
 
-    def decode_step(self, tokens: Tensor, pos: int) -> Tensor:
-        """Feed image token `pos` (B,) at cache index pos+1; return (B, V) logits of token pos+1."""
+    def decode_step(self, tokens: Tensor, pos: int | Tensor) -> Tensor:
+        """Feed image token `pos` (B,) at cache index pos+1; return (B, V) logits of token pos+1.
+
+        An int position is range-checked and attends over the cache prefix; a tensor position
+        runs `decode_step_static` (same result, static shapes, unchecked).
+        """
+        if isinstance(pos, Tensor):
+            return self.decode_step_static(tokens, pos)
         if not 0 <= pos < self.cfg.block_size - 1:
             raise ValueError(f"decode position {pos} outside [0, {self.cfg.block_size - 1})")
         h = self.tok_embeddings(tokens.reshape(-1, 1))
         return self._step(h, pos + self.cfg.cls_token_num)
 
+    def decode_step_static(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        """`decode_step` with the image position as a (1,) long tensor on the model's device.
+
+        Every position runs the same shapes (attention over the whole preallocated cache, masked
+        beyond the current index; RoPE row and cache slot picked by indexing with `pos`) and
+        nothing is read back to the host, so one compiled graph serves the whole sequence. The
+        position is not range-checked here: checking it would read it on the host.
+        """
+        if self._cache_shape is None:
+            raise RuntimeError("call setup_caches() before prefill()/decode_step()")
+        cache_pos = pos.reshape(1) + self.cfg.cls_token_num
+        h = self.tok_embeddings(tokens.reshape(-1, 1))
+        freqs = self.freqs_cis[cache_pos]
+        mask = cache_pos[:, None] >= torch.arange(self._cache_shape[1], device=h.device)[None, :]
+        for layer in self.layers:
+            h = layer(h, freqs, mask, cache_pos)
+        return self._head(h[:, -1])
+
+    def compiled_decode(self, mode: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """`decode_step_static` under torch.compile(fullgraph=True, dynamic=False).
+
+        mode None picks "reduce-overhead" (CUDA graphs) on CUDA and inductor's "default"
+        elsewhere. One compiled function per mode serves every GPT (the weights are graph
+        inputs, not constants), so graphs are made once per shape (batch size, model size,
+        dtype, device), never per position or per model instance. Under CUDA graphs the logits
+        live in a buffer the next replay overwrites, so they are cloned before returning.
+        Prefill stays eager (one call per image).
+        """
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        cudagraphs = bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False))
+        fn = _COMPILED_DECODE.get(mode)
+        if fn is None:
+            fn = torch.compile(GPT.decode_step_static, mode=mode, fullgraph=True, dynamic=False)
+            _COMPILED_DECODE[mode] = fn
+
+        def run(tokens: Tensor, pos: Tensor) -> Tensor:
+            if not cudagraphs:
+                return fn(self, tokens, pos)
+            torch.compiler.cudagraph_mark_step_begin()
+            return fn(self, tokens, pos).clone()
+
+        return run
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# mode -> torch.compile'd GPT.decode_step_static (called with the model as its first argument)
+_COMPILED_DECODE: dict[str, Callable[[GPT, Tensor, Tensor], Tensor]] = {}

@@ -11,12 +11,20 @@ any scale != 1 is applied (0 gives the unconditional model).
 
 `teacher_forced_probs` computes the same distributions for every position with one full forward
 of the cond and null batches; a test checks it equals what start/advance produce.
+
+Speed: each step feeds one token per row (the prefix is never recomputed: it lives in the KV
+cache, which is reused across generations of the same batch size), and cond and null rows go
+through one forward. `compile()` gives a twin whose decode steps run the torch.compile'd,
+static-shape step (`GPT.compiled_decode`, CUDA graphs on CUDA) with the position held in a
+device tensor, so the per-token loop has no host sync of its own.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -51,6 +59,9 @@ class LlamaGenState(StepState):
     batch: int
     guided: bool  # whether the batch holds a null half
     pos: int = 0  # next image position whose probabilities were returned
+    # compiled teachers only: the decode function and the step as a (1,) device tensor
+    decode: Callable[[Tensor, Tensor], Tensor] | None = None
+    pos_t: Tensor | None = None
 
 
 class LlamaGenTeacher(Teacher):
@@ -85,6 +96,8 @@ class LlamaGenTeacher(Teacher):
             )
         with torch.no_grad():
             self._codebook = vq.codebook_vectors().detach().float().clone()
+        self._compiled = False
+        self._compile_mode: str | None = None
 
     # --- structure ------------------------------------------------------------------------------
     @property
@@ -110,6 +123,29 @@ class LlamaGenTeacher(Teacher):
         self.vq.to(device)
         self.gpt.clear_caches()
         return self
+
+    # --- compilation ----------------------------------------------------------------------------
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled
+
+    def compile(self, mode: str | None = None) -> LlamaGenTeacher:
+        """A twin of this teacher whose decode steps run the torch.compile'd step; self is unchanged.
+
+        The twin shares the GPT and VQ modules (weights and KV caches; use one at a time) and
+        only replaces `advance`'s forward by `GPT.compiled_decode(mode)`: mode None means
+        "reduce-overhead" (CUDA graphs) on CUDA and "default" elsewhere, resolved on the device
+        the model is on when sampling. Prefill, teacher forcing and decoding stay eager. The
+        first generation at each batch size compiles (slow); later ones reuse the graph.
+        """
+        if mode is not None:
+            try:  # unknown modes fail here, not mid-sampling
+                torch._inductor.list_mode_options(mode)
+            except RuntimeError as e:
+                raise ValueError(f"LlamaGenTeacher.compile: {e}") from None
+        twin = copy.copy(self)
+        twin._compiled, twin._compile_mode = True, mode
+        return twin
 
     # --- helpers ------------------------------------------------------------------------------
     def _use_null(self, params: SamplingParams) -> bool:
@@ -151,7 +187,11 @@ class LlamaGenTeacher(Teacher):
         )
         logits = self.gpt.prefill(labels)  # (B', V)
         probs = self._probs(logits, guided, True, params)  # prefill is always guided
-        return LlamaGenState(batch=bsz, guided=guided, pos=0), probs.unsqueeze(1)
+        state = LlamaGenState(batch=bsz, guided=guided, pos=0)
+        if self._compiled:
+            state.decode = self.gpt.compiled_decode(self._compile_mode)
+            state.pos_t = torch.zeros(1, dtype=torch.long, device=self.device)
+        return state, probs.unsqueeze(1)
 
     @torch.no_grad()
     def advance(self, state: LlamaGenState, step: int, tokens: Tensor, params: SamplingParams) -> Tensor:
@@ -160,7 +200,11 @@ class LlamaGenTeacher(Teacher):
         x = tokens.to(self.device).long().reshape(state.batch)
         if state.guided:
             x = torch.cat([x, x])
-        logits = self.gpt.decode_step(x, step)
+        if state.decode is not None:
+            state.pos_t.fill_(step)  # a device-side write: no host sync, no new tensor
+            logits = state.decode(x, state.pos_t)
+        else:
+            logits = self.gpt.decode_step(x, step)
         state.pos = step + 1
         probs = self._probs(logits, state.guided, self._cfg_active(step, params), params)
         return probs.unsqueeze(1)
