@@ -82,9 +82,7 @@ class MultinomialChooser:
         idx = idx.clamp_max(p.shape[-1] - 1)
         # never return a zero-probability index (can only happen through rounding at the tail)
         bad = p.gather(-1, idx.unsqueeze(-1)).squeeze(-1) <= 0
-        if bad.any():
-            idx = torch.where(bad, p.argmax(dim=-1), idx)
-        return idx
+        return torch.where(bad, p.argmax(dim=-1), idx)  # unconditional: no host sync per token
 
 
 class GreedyChooser:
