@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, default=8, help="images per grid row")
     p = add("params", "print the resolved preset (after --set overrides)")
     p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    p.add_argument(
+        "--stage-files",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write DIR/<stage>.json with exactly the values each stage reads (what dvc.yaml depends on)",
+    )
     return parser
 
 
@@ -157,6 +164,9 @@ def _dispatch(args: argparse.Namespace, preset: Preset, layout, progress: bool):
     name = args.preset
     cmd = args.command
     if cmd == "params":
+        if args.stage_files is not None:
+            d = args.stage_files if args.stage_files.is_absolute() else Path.cwd() / args.stage_files
+            return {"stage_files": [str(p) for p in stages.write_stage_params(preset, d)]}
         data = preset.model_dump(mode="json")
         if args.json:
             return data

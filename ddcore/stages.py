@@ -200,36 +200,51 @@ def _upstream(layout: Layout, stage: str) -> str:
     return m.fingerprint
 
 
+# which parts of a preset each stage reads, and which stages' outputs it reads
+STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepare": (("family", "teacher.name", "teacher.source", "teacher.vq_source", "teacher.world"), ()),
+    "trajectories": (("teacher.sampling", "flow", "trajectories"), ("prepare",)),
+    "distill": (("student", "train"), ("trajectories",)),
+    "evaluate": (("teacher.sampling", "flow", "eval"), ("distill",)),
+    "bench": (("teacher.sampling", "bench", "eval.samplers"), ("distill",)),
+    "register": (("promote",), ("evaluate", "bench")),
+}
+
+
+def stage_params(preset: Preset, stage: str) -> dict[str, Any]:
+    """The resolved preset values a stage reads (defaults included), keyed by their dotted path."""
+    if stage not in STAGE_INPUTS:
+        raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+    data = preset.model_dump(mode="json")
+    out = {}
+    for key in STAGE_INPUTS[stage][0]:
+        node: Any = data
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def write_stage_params(preset: Preset, out_dir: Path) -> list[Path]:
+    """One JSON per stage with exactly what it reads. DVC stages depend on these files, so a
+    change anywhere in a preset (or in a default in params.py) reruns exactly the stages whose
+    inputs changed; files whose content is unchanged are not rewritten."""
+    paths = []
+    for stage in STAGES:
+        path = out_dir / f"{stage}.json"
+        text = json.dumps(stage_params(preset, stage), indent=2, sort_keys=True) + "\n"
+        if not path.is_file() or path.read_text() != text:
+            atomic_write_text(path, text)
+        paths.append(path)
+    return paths
+
+
 def stage_fingerprint(layout: Layout, preset: Preset, stage: str) -> str:
-    """What a stage's output depends on: its params sections and its upstream stages' outputs."""
-    p = preset.model_dump(mode="json")
-    teacher = {k: v for k, v in p["teacher"].items() if k != "sampling"}
-    if stage == "prepare":
-        return fingerprint(stage, p["family"], teacher)
-    if stage == "trajectories":
-        return fingerprint(
-            stage, _upstream(layout, "prepare"), p["teacher"]["sampling"], p["flow"], p["trajectories"]
-        )
-    if stage == "distill":
-        return fingerprint(stage, _upstream(layout, "trajectories"), p["student"], p["train"])
-    if stage == "evaluate":
-        return fingerprint(
-            stage, _upstream(layout, "distill"), p["teacher"]["sampling"], p["flow"], p["eval"]
-        )
-    if stage == "bench":
-        return fingerprint(
-            stage, _upstream(layout, "distill"), p["teacher"]["sampling"], p["bench"], p["eval"]["samplers"]
-        )
-    if stage == "register":
-        # a different tracking store is a different registration
-        return fingerprint(
-            stage,
-            _upstream(layout, "evaluate"),
-            _upstream(layout, "bench"),
-            p["promote"],
-            layout.tracking_uri,
-        )
-    raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+    """What a stage's output depends on: its params and its upstream stages' outputs."""
+    params = stage_params(preset, stage)
+    upstream = [_upstream(layout, s) for s in STAGE_INPUTS[stage][1]]
+    extra = [layout.tracking_uri] if stage == "register" else []  # another store = another registration
+    return fingerprint(stage, *upstream, params, *extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,7 +348,12 @@ def _prepare_tiny(preset_name: str, preset: Preset, out: Path, progress: bool) -
     mod, prep, check, _ = _TINY_WORLDS[preset.family]
     what = f"the {preset.family} tiny-world teacher"
     prepare_world, check_quality = _piece(mod, prep, what), _piece(mod, check, what)
-    kw = {"device": _device()} if "device" in inspect.signature(prepare_world).parameters else {}
+    accepted = inspect.signature(prepare_world).parameters
+    kw = {
+        "device": _device(),
+        "sampling": preset.teacher.sampling,
+    }  # the quality check samples like the teacher
+    kw = {k: v for k, v in kw.items() if k in accepted}
     report = prepare_world(preset.teacher.world, out, progress=progress, **kw)
     problems = check_quality(report)
     if problems:

@@ -9,16 +9,56 @@ the pipeline once.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from servers import BIN, ROOT, base_env
 
 PRESET = "micro"
 _CACHE: dict[str, MicroProject] = {}
+
+# Test scale for the DD1 sections of `micro`, used only where params.yaml leaves a section out
+# (the defaults are sized for real runs: 20k trajectory pairs, 3k training steps).
+MICRO_TEST_SCALE = {
+    "flow": {"steps": 16},
+    "trajectories": {"num_pairs": 128, "shard_size": 64, "batch_size": 64},
+    "train": {
+        "steps": 40,
+        "batch_size": 16,
+        "val_pairs": 16,
+        "val_every": 10,
+        "ckpt_every": 20,
+        "warmup_steps": 5,
+    },
+    "eval": {"num_samples": 64, "batch_size": 64},
+    "bench": {"throughput_batch": 8, "repeats": 2, "warmup": 1},
+}
+
+
+def missing_test_scale(params_file: Path = ROOT / "params.yaml") -> dict:
+    """The MICRO_TEST_SCALE sections that params.yaml does not set for `micro`."""
+    preset = yaml.safe_load(params_file.read_text())["presets"][PRESET]
+    return {k: v for k, v in MICRO_TEST_SCALE.items() if k not in preset}
+
+
+def test_scale_overrides(params_file: Path = ROOT / "params.yaml") -> list[str]:
+    """The same, as `key.path=value` overrides (for the flow's `overrides` parameter)."""
+    return [
+        f"{sec}.{k}={json.dumps(v)}"
+        for sec, d in missing_test_scale(params_file).items()
+        for k, v in d.items()
+    ]
+
+
+def apply_test_scale(params_file: Path) -> None:
+    data = yaml.safe_load(params_file.read_text())
+    data["presets"][PRESET].update(missing_test_scale(params_file))
+    params_file.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @dataclass
@@ -66,6 +106,7 @@ def copy_repo(dst: Path) -> Path:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, target)
+    apply_test_scale(dst / "params.yaml")
     env = git_env()
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True)

@@ -16,6 +16,8 @@ import yaml
 from micro_project import PRESET, MicroProject, micro_project
 from servers import moto_s3, s3_keys
 
+from ddcore.params import load_preset
+
 pytestmark = pytest.mark.slow
 STAGES = ("prepare", "trajectories", "distill", "evaluate", "bench")
 
@@ -49,11 +51,16 @@ def test_repro_runs_every_stage_through_the_console_command(project):
         assert ran(log, s), f"stage {s}@{PRESET} did not run:\n{log[-3000:]}"
     assert f"ddcore --root . --quiet distill --preset {PRESET}" in log
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]
-    assert set(lock) >= {f"{s}@{PRESET}" for s in STAGES}
-    # each stage recorded exactly the params it reads
-    assert set(lock[f"distill@{PRESET}"]["params"]["params.yaml"]) == {
-        f"presets.{PRESET}.student",
-        f"presets.{PRESET}.train",
+    assert set(lock) >= {f"{s}@{PRESET}" for s in ("params", *STAGES)}
+    assert list(lock[f"params@{PRESET}"]["params"]["params.yaml"]) == [f"presets.{PRESET}"]
+    # each stage depends on the resolved values it reads, and those are what it ran with
+    deps = {d["path"] for d in lock[f"distill@{PRESET}"]["deps"]}
+    assert f"metrics/{PRESET}/params/distill.json" in deps
+    resolved = json.loads((project.root / "metrics" / PRESET / "params" / "distill.json").read_text())
+    preset = load_preset(PRESET, project.root / "params.yaml")
+    assert resolved == {
+        "student": preset.student.model_dump(mode="json"),
+        "train": preset.train.model_dump(mode="json"),
     }
     ev = json.loads((project.root / "metrics" / PRESET / "eval.json").read_text())
     assert "teacher" in ev["samplers"] and any(k.startswith("dd1") for k in ev["samplers"])
@@ -85,13 +92,11 @@ def test_changing_a_param_reruns_only_what_depends_on_it(project, tmp_path):
         clone, [f"models/{PRESET}", f"data/{PRESET}/trajectories", f"metrics/{PRESET}/eval.json"]
     )
 
-    status = project.dvc("status", "--json", cwd=clone).stdout
-    assert f"bench@{PRESET}" in status
-    for s in ("prepare", "trajectories", "distill", "evaluate"):
-        assert f'"{s}@{PRESET}"' not in status, f"{s} should not be affected by bench params:\n{status}"
+    status = json.loads(project.dvc("status", "--json", cwd=clone).stdout)
+    assert set(status) == {f"params@{PRESET}"}, status  # only the resolver reads params.yaml
 
     log = project.dvc("repro", f"bench@{PRESET}", cwd=clone).stdout
-    assert ran(log, "bench")
+    assert ran(log, "params") and ran(log, "bench")
     for s in ("prepare", "trajectories", "distill", "evaluate"):
         assert skipped(log, s), f"{s} reran:\n{log}"
     after = tree_hashes(

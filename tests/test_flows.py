@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from micro_project import test_scale_overrides
 from servers import BIN, ROOT, base_env, prefect_env, prefect_server, stop_process, tail
 
 pytestmark = pytest.mark.slow
@@ -96,7 +97,8 @@ def deployed_run(prefect_api, tmp_path_factory):
     try:
         t0 = time.monotonic()
         p = subprocess.run(
-            [prefect, "deployment", "run", "distill/tiny", "--param", f"preset={PRESET}", "--watch",
+            [prefect, "deployment", "run", "distill/tiny", "--param", f"preset={PRESET}",
+             "--param", f"overrides={json.dumps(test_scale_overrides())}", "--watch",
              "--watch-interval", "5", "--watch-timeout", "1500"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=1600,
         )  # fmt: skip
@@ -165,7 +167,8 @@ def test_local_entry_point_runs_without_a_server(deployed_run, tmp_path):
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     }
     t0 = time.monotonic()
-    p = run([str(BIN / "python"), "-m", "flows.distill", "--preset", PRESET], env, 600)
+    sets = [a for o in test_scale_overrides() for a in ("--set", o)]
+    p = run([str(BIN / "python"), "-m", "flows.distill", "--preset", PRESET, *sets], env, 600)
     seconds = time.monotonic() - t0
     out = p.stdout + p.stderr
     assert "Finished in state Completed" in out, out[-3000:]

@@ -157,3 +157,22 @@ def test_prefect_retry_condition_separates_transient_from_permanent():
     assert not retry_transient(None, None, Failed(data=ValueError("bad param")))
     assert not retry_transient(None, None, Failed(data=NotImplementedError("missing piece")))
     assert not retry_transient(None, None, Completed(data=1))
+
+
+def test_stage_params_are_exactly_what_each_stage_reads():
+    assert set(stages.stage_params(PRESET, "distill")) == {"student", "train"}
+    assert stages.stage_params(PRESET, "bench")["eval.samplers"] == PRESET.eval.samplers
+    assert "teacher.sampling" not in stages.stage_params(PRESET, "prepare")
+    assert stages.stage_params(PRESET, "prepare")["teacher.world"]["image_size"] == 16
+    with pytest.raises(ValueError, match="allowed: prepare, trajectories"):
+        stages.stage_params(PRESET, "train")
+
+
+def test_stage_files_change_only_where_inputs_change(tmp_path):
+    files = {p.stem: p for p in stages.write_stage_params(PRESET, tmp_path)}
+    assert set(files) == set(stages.STAGES)
+    before = {k: (p.read_text(), p.stat().st_mtime_ns) for k, p in files.items()}
+    stages.write_stage_params(with_(PRESET, bench__repeats=9), tmp_path)
+    after = {k: (p.read_text(), p.stat().st_mtime_ns) for k, p in files.items()}
+    changed = {k for k in files if before[k] != after[k]}
+    assert changed == {"bench"}  # unchanged files are not even rewritten
