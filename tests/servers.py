@@ -113,9 +113,12 @@ def base_env(**extra: str) -> dict:
 @contextlib.contextmanager
 def moto_s3(buckets: tuple[str, ...] = ()) -> Iterator[dict]:
     """A moto S3 server thread on loopback; yields the env a client needs to reach it."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from micro_project import PRESET, MicroProject, micro_project
+from micro_project import PRESET, TARGETS, MicroProject, micro_project
 from servers import moto_s3, s3_keys
 
 from ddcore.params import load_preset
@@ -66,11 +66,11 @@ def test_repro_runs_every_stage_through_the_console_command(project):
     assert "teacher" in ev["samplers"] and any(k.startswith("dd1") for k in ev["samplers"])
     assert (project.root / "metrics" / PRESET / "train_log.csv").read_text().startswith("step")
     assert list((project.root / "metrics" / PRESET / "grids").glob("*.png"))
-    print(f"dvc repro bench@{PRESET} (5 stages): {project.repro_seconds:.0f} s")
+    print(f"dvc repro {' '.join(TARGETS)} (6 stages): {project.repro_seconds:.0f} s")
 
 
 def test_repro_again_is_a_no_op_and_metrics_show(project):
-    p = project.dvc("repro", f"bench@{PRESET}")
+    p = project.dvc("repro", *TARGETS)
     for s in STAGES:
         assert skipped(p.stdout, s) and not ran(p.stdout, s)
     shown = json.loads(project.dvc("metrics", "show", "--json").stdout)
@@ -92,10 +92,10 @@ def test_changing_a_param_reruns_only_what_depends_on_it(project, tmp_path):
         clone, [f"models/{PRESET}", f"data/{PRESET}/trajectories", f"metrics/{PRESET}/eval.json"]
     )
 
-    status = json.loads(project.dvc("status", "--json", cwd=clone).stdout)
+    status = json.loads(project.dvc("status", "--json", "--with-deps", *TARGETS, cwd=clone).stdout)
     assert set(status) == {f"params@{PRESET}"}, status  # only the resolver reads params.yaml
 
-    log = project.dvc("repro", f"bench@{PRESET}", cwd=clone).stdout
+    log = project.dvc("repro", *TARGETS, cwd=clone).stdout
     assert ran(log, "params") and ran(log, "bench")
     for s in ("prepare", "trajectories", "distill", "evaluate"):
         assert skipped(log, s), f"{s} reran:\n{log}"
@@ -117,7 +117,7 @@ def test_s3_remote_push_pull_is_byte_identical(project, tmp_path):
         env = project.env | s3["env"]
         dvc = MicroProject(clone, env, 0, "")
         dvc.dvc("remote", "modify", "--local", "store", "endpointurl", s3["url"])
-        push = dvc.dvc("push", "-r", "store", timeout=600)
+        push = dvc.dvc("push", "-r", "store", "--with-deps", *TARGETS, timeout=600)
         assert "pushed" in push.stdout
         keys = s3_keys(s3["client"], "ddcore-dvc")
         assert keys and all(k.startswith("store/") for k in keys)
@@ -125,8 +125,8 @@ def test_s3_remote_push_pull_is_byte_identical(project, tmp_path):
         for rel in outs:
             shutil.rmtree(clone / rel)
         shutil.rmtree(clone / ".dvc" / "cache")
-        dvc.dvc("pull", "-r", "store", timeout=600)
+        dvc.dvc("pull", "-r", "store", "--with-deps", *TARGETS, timeout=600)
     after = tree_hashes(clone, outs)
     assert after == before
-    st = project.dvc("status", "--json", cwd=clone).stdout.strip()
+    st = project.dvc("status", "--json", "--with-deps", *TARGETS, cwd=clone).stdout.strip()
     assert st in ("{}", ""), st
