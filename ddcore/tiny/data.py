@@ -65,8 +65,8 @@ COLOUR_PAIRS = np.array(
         if i != j and np.linalg.norm(PALETTE[i] - PALETTE[j]) >= MIN_COLOUR_DISTANCE
     ]
 )
-SIZE_RANGE = (0.45, 0.8)  # shape radius as a fraction of the image half-width
-PERIOD_RANGE = (0.45, 0.75)  # texture period as a fraction of the image half-width (32 px: 7..12 px)
+SIZE_RANGE = (0.6, 0.9)  # shape radius as a fraction of the image half-width
+PERIOD_RANGE = (0.55, 0.85)  # texture period as a fraction of the image half-width (32 px: 9..14 px)
 
 SDF = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

@@ -21,8 +21,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -153,6 +154,39 @@ def default_world_dir(preset: str) -> Path:
 # --------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------
+class _Clock:
+    """Wall and process-CPU seconds since creation (CPU time is what a busy machine cannot inflate)."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def times(self) -> dict[str, float]:
+        return {"seconds": time.perf_counter() - self.wall0, "cpu_seconds": time.process_time() - self.cpu0}
+
+
+T = TypeVar("T")
+
+
+def _part(
+    base: Path,
+    digest: str,
+    load: Callable[[dict], T],
+    build: Callable[[], tuple[T, dict]],
+    save: Callable[[T, dict], None],
+) -> tuple[T, dict, bool]:
+    """Load the part at `base` if it was built with `digest`, else build and save it.
+
+    Returns (object, its metadata incl. build `seconds` / `cpu_seconds`, whether it was reused).
+    """
+    if meta := _finished(base, digest):
+        return load(meta), meta, True
+    clock = _Clock()
+    obj, meta = build()
+    meta = {**meta, "hash": digest, **clock.times()}
+    save(obj, meta)
+    return obj, meta, False
+
+
 def prepare_tiny_world(
     world: TinyWorldParams,
     out_dir: Path | str,
@@ -162,39 +196,42 @@ def prepare_tiny_world(
     """Build (or resume) the tiny world in `out_dir`; return the report also written to world.json.
 
     `sampling` are the teacher's sampling parameters used for the CFG sample accuracy (pass the
-    preset's `teacher.sampling`; default DEFAULT_SAMPLING). The report holds per-part timings of
-    this call (`timings_s`, 0 for reused parts), the build time of every part (`build_s`),
-    accuracies, and `problems` from `check_quality`.
+    preset's `teacher.sampling`; default DEFAULT_SAMPLING). The report holds the wall time of
+    each part in this call (`timings_s`, 0 for reused parts), the wall and CPU time each part took
+    when it was built (`build_s`, `build_cpu_s`), accuracies, and `problems` from `check_quality`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sampling = sampling or DEFAULT_SAMPLING
     hashes = stage_hashes(world, sampling)
+    metas: dict[str, dict] = {}
     timings: dict[str, float] = {}
-    build: dict[str, float] = {}
     reused: list[str] = []
     load_start = _loadavg()
-    t_total = time.perf_counter()
+    total = _Clock()
+
+    def record(name: str, clock: _Clock, meta: dict, was_reused: bool) -> None:
+        metas[name] = meta
+        timings[name] = 0.0 if was_reused else clock.times()["seconds"]
+        if was_reused:
+            reused.append(name)
+
     with _threads() as threads:
-        t0 = time.perf_counter()
+        clock = _Clock()
         images, labels, attrs = make_dataset_with_attributes(
             world.train_images, world.image_size, world.num_classes, world.seed
         )
         hold_images, hold_labels = make_dataset(
             world.holdout_images, world.image_size, world.num_classes, world.seed + HOLDOUT_SEED_OFFSET
         )
-        timings["data"] = build["data"] = time.perf_counter() - t0
+        record("data", clock, clock.times(), False)
         log.info("tiny world: %d training images generated in %.1f s", len(labels), timings["data"])
 
-        # -- evaluator ------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        base = out / "evaluator"
-        if meta := _finished(base, hashes["evaluator"]):
-            evaluator = load_evaluator(base)
-            reused.append("evaluator")
-        else:
+        clock = _Clock()
+
+        def build_evaluator() -> tuple[TinyEvaluator, dict]:
             cfg = EvaluatorConfig(image_size=world.image_size, num_classes=world.num_classes)
-            evaluator = train_evaluator(
+            model = train_evaluator(
                 images,
                 labels,
                 attrs,
@@ -205,27 +242,26 @@ def prepare_tiny_world(
                 seed=world.seed + 1,
                 progress=progress,
             )
-            meta = {
-                "hash": hashes["evaluator"],
-                "seconds": time.perf_counter() - t0,
-                "class_names": list(CLASS_NAMES[: world.num_classes]),
-            }
-            save_evaluator(base, evaluator, meta)
-        timings["evaluator"] = 0.0 if "evaluator" in reused else time.perf_counter() - t0
-        build["evaluator"] = float(meta["seconds"])
+            return model, {"class_names": list(CLASS_NAMES[: world.num_classes])}
 
-        # -- VQ tokenizer ---------------------------------------------------------------------
-        t0 = time.perf_counter()
-        base = out / "vq"
-        x_train = to_model_range(images)
-        if meta := _finished(base, hashes["vq"]):
-            vq = VQModel(VQConfig.from_dict(meta["config"]))
-            load_safetensors_model(base, vq, what="tiny VQ")
-            vq.eval()
-            reused.append("vq")
-        else:
-            vq, stats = train_vq(
-                x_train,
+        evaluator, meta, was = _part(
+            out / "evaluator",
+            hashes["evaluator"],
+            lambda meta: load_evaluator(out / "evaluator"),
+            build_evaluator,
+            lambda model, meta: save_evaluator(out / "evaluator", model, meta),
+        )
+        record("evaluator", clock, meta, was)
+
+        clock = _Clock()
+
+        def load_vq(meta: dict) -> VQModel:
+            model = VQModel(VQConfig.from_dict(meta["config"]))
+            return load_safetensors_model(out / "vq", model, what="tiny VQ").eval()
+
+        def build_vq() -> tuple[VQModel, dict]:
+            model, stats = train_vq(
+                to_model_range(images),
                 vq_config_for(world),
                 steps=world.vq_steps,
                 batch_size=world.vq_batch_size,
@@ -233,50 +269,41 @@ def prepare_tiny_world(
                 seed=world.seed + 2,
                 progress=progress,
             )
-            meta = {
-                "config": vq.cfg.to_dict(),
-                "image_size": world.image_size,
-                "hash": hashes["vq"],
-                "seconds": time.perf_counter() - t0,
-                "stats": stats,
-            }
-            save_model(base, vq, meta)
-        timings["vq"] = 0.0 if "vq" in reused else time.perf_counter() - t0
-        build["vq"] = float(meta["seconds"])
+            return model, {"config": model.cfg.to_dict(), "image_size": world.image_size, "stats": stats}
 
-        # -- tokens -----------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        base = out / "tokens"
-        if meta := _finished(base, hashes["tokens"]):
-            sd = load_state_dict_file(base.with_name("tokens.safetensors"))
-            tokens, tok_labels = sd["tokens"].long(), sd["labels"].long()
-            reused.append("tokens")
-        else:
-            tokens = tokenize(vq, x_train)
-            tok_labels = torch.as_tensor(labels)
-            meta = {
-                "hash": hashes["tokens"],
-                "seconds": time.perf_counter() - t0,
-                "shape": list(tokens.shape),
-                "usage": codebook_usage(tokens, vq.cfg.codebook_size),
-            }
-            save_model(base, {"tokens": tokens.to(torch.int32), "labels": tok_labels}, meta)
-        token_usage = meta["usage"]
-        timings["tokens"] = 0.0 if "tokens" in reused else time.perf_counter() - t0
-        build["tokens"] = float(meta["seconds"])
-        del x_train
+        vq, meta, was = _part(
+            out / "vq", hashes["vq"], load_vq, build_vq, lambda m, meta: save_model(out / "vq", m, meta)
+        )
+        record("vq", clock, meta, was)
 
-        # -- GPT ----------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        base = out / "gpt"
+        clock = _Clock()
+
+        def load_tokens(meta: dict) -> tuple[Tensor, Tensor]:
+            sd = load_state_dict_file(out / "tokens.safetensors")
+            return sd["tokens"].long(), sd["labels"].long()
+
+        def build_tokens() -> tuple[tuple[Tensor, Tensor], dict]:
+            toks = tokenize(vq, to_model_range(images))
+            usage = codebook_usage(toks, vq.cfg.codebook_size)
+            return (toks, torch.as_tensor(labels)), {"shape": list(toks.shape), "usage": usage}
+
+        def save_tokens(data: tuple[Tensor, Tensor], meta: dict) -> None:
+            save_model(out / "tokens", {"tokens": data[0].to(torch.int32), "labels": data[1]}, meta)
+
+        (tokens, tok_labels), meta, was = _part(
+            out / "tokens", hashes["tokens"], load_tokens, build_tokens, save_tokens
+        )
+        record("tokens", clock, meta, was)
+
+        clock = _Clock()
         grid = world.image_size // vq.downsample
-        if meta := _finished(base, hashes["gpt"]):
-            gpt = GPT(GPTConfig.from_dict(meta["config"]))
-            load_safetensors_model(base, gpt, what="tiny GPT")
-            gpt.eval()
-            reused.append("gpt")
-        else:
-            gpt, stats = train_gpt(
+
+        def load_gpt(meta: dict) -> GPT:
+            model = GPT(GPTConfig.from_dict(meta["config"]))
+            return load_safetensors_model(out / "gpt", model, what="tiny GPT").eval()
+
+        def build_gpt() -> tuple[GPT, dict]:
+            model, stats = train_gpt(
                 tokens,
                 tok_labels,
                 gpt_config_for(world, grid),
@@ -287,44 +314,44 @@ def prepare_tiny_world(
                 progress=progress,
             )
             meta = {
-                "config": gpt.cfg.to_dict(),
+                "config": model.cfg.to_dict(),
                 "num_classes": world.num_classes,
                 "image_size": world.image_size,
-                "hash": hashes["gpt"],
-                "seconds": time.perf_counter() - t0,
                 "stats": stats,
             }
-            save_model(base, gpt, meta)
-        gpt_stats = meta["stats"]
-        timings["gpt"] = 0.0 if "gpt" in reused else time.perf_counter() - t0
-        build["gpt"] = float(meta["seconds"])
+            return model, meta
 
-        # -- quality ------------------------------------------------------------------------------
-        t0 = time.perf_counter()
+        gpt, meta, was = _part(
+            out / "gpt", hashes["gpt"], load_gpt, build_gpt, lambda m, meta: save_model(out / "gpt", m, meta)
+        )
+        record("gpt", clock, meta, was)
+
+        clock = _Clock()
         qpath = out / "quality.json"
         quality = _read_json(qpath)
-        if quality is not None and quality.get("hash") == hashes["quality"]:
-            reused.append("quality")
-        else:
+        was = quality is not None and quality.get("hash") == hashes["quality"]
+        if not was:
             from ddcore.teachers.llamagen import LlamaGenTeacher
 
             teacher = LlamaGenTeacher(gpt, vq, num_classes=world.num_classes, image_size=world.image_size)
             quality = measure_quality(world, teacher, evaluator, hold_images, hold_labels, sampling, out)
-            quality["hash"] = hashes["quality"]
-            quality["seconds"] = time.perf_counter() - t0
+            quality = {**quality, "hash": hashes["quality"], **clock.times()}
             atomic_write_json(qpath, quality)
-        timings["quality"] = 0.0 if "quality" in reused else time.perf_counter() - t0
-        build["quality"] = float(quality["seconds"])
+        record("quality", clock, quality, was)
 
+    build_s = {k: round(float(m["seconds"]), 2) for k, m in metas.items()}
+    build_cpu_s = {k: round(float(m["cpu_seconds"]), 2) for k, m in metas.items()}
     report = {
         "world": world.model_dump(),
         "sampling": sampling.model_dump(),
         "hashes": hashes,
         "reused": reused,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "total_s": round(time.perf_counter() - t_total, 2),
-        "build_s": {k: round(v, 2) for k, v in build.items()},
-        "build_total_s": round(sum(build.values()), 2),
+        "total_s": round(total.times()["seconds"], 2),
+        "build_s": build_s,
+        "build_total_s": round(sum(build_s.values()), 2),
+        "build_cpu_s": build_cpu_s,
+        "build_total_cpu_s": round(sum(build_cpu_s.values()), 2),
         "machine": {
             "torch_threads": threads,
             "cpu_count": os.cpu_count(),
@@ -336,9 +363,14 @@ def prepare_tiny_world(
             "vq": vq.num_params(),
             "gpt": gpt.num_params(),
         },
-        "tokens": {"usage": token_usage, "seq_len": grid * grid, "vocab_size": vq.cfg.codebook_size},
-        "gpt_train": gpt_stats,
-        "quality": {k: v for k, v in quality.items() if k not in ("hash", "seconds")},
+        "tokens": {
+            "usage": metas["tokens"]["usage"],
+            "seq_len": grid * grid,
+            "vocab_size": vq.cfg.codebook_size,
+        },
+        "vq_train": metas["vq"]["stats"],
+        "gpt_train": metas["gpt"]["stats"],
+        "quality": {k: v for k, v in quality.items() if k not in ("hash", "seconds", "cpu_seconds")},
     }
     report["problems"] = check_quality(report)
     atomic_write_json(out / "world.json", report)
