@@ -190,8 +190,8 @@ def test_promotion_gate_with_two_students(project, second, tmp_path, outcome):
     r2 = registry.register_student(PRESET, preset_of(new, **gate), layout_of(new, tracking))
     assert (r1["version"], r2["version"]) == ("1", "2")
     c = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
-    champ = c.get_model_version_by_alias("dd-micro", "champion").version
-    chall = c.get_model_version_by_alias("dd-micro", "challenger").version
+    champ = str(c.get_model_version_by_alias("dd-micro", "champion").version)
+    chall = str(c.get_model_version_by_alias("dd-micro", "challenger").version)
     mv2 = c.get_model_version("dd-micro", "2")
     assert chall == "2"
     assert mv2.tags["compared_to_version"] == "1"
