@@ -41,24 +41,24 @@ MICRO_TEST_SCALE = {
 }
 
 
-def missing_test_scale(params_file: Path = ROOT / "params.yaml") -> dict:
+def missing_micro_scale(params_file: Path = ROOT / "params.yaml") -> dict:
     """The MICRO_TEST_SCALE sections that params.yaml does not set for `micro`."""
     preset = yaml.safe_load(params_file.read_text())["presets"][PRESET]
     return {k: v for k, v in MICRO_TEST_SCALE.items() if k not in preset}
 
 
-def test_scale_overrides(params_file: Path = ROOT / "params.yaml") -> list[str]:
+def micro_overrides(params_file: Path = ROOT / "params.yaml") -> list[str]:
     """The same, as `key.path=value` overrides (for the flow's `overrides` parameter)."""
     return [
         f"{sec}.{k}={json.dumps(v)}"
-        for sec, d in missing_test_scale(params_file).items()
+        for sec, d in missing_micro_scale(params_file).items()
         for k, v in d.items()
     ]
 
 
-def apply_test_scale(params_file: Path) -> None:
+def apply_micro_scale(params_file: Path) -> None:
     data = yaml.safe_load(params_file.read_text())
-    data["presets"][PRESET].update(missing_test_scale(params_file))
+    data["presets"][PRESET].update(missing_micro_scale(params_file))
     params_file.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -107,7 +107,7 @@ def copy_repo(dst: Path) -> Path:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, target)
-    apply_test_scale(dst / "params.yaml")
+    apply_micro_scale(dst / "params.yaml")
     env = git_env()
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True)

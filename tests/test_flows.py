@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from micro_project import test_scale_overrides
+from micro_project import micro_overrides
 from servers import BIN, ROOT, base_env, prefect_env, prefect_server, stop_process, tail
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,9 @@ def prefect_client(api_url: str):
 def registered_versions(tracking: str, name: str) -> list:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking, registry_uri=tracking).search_model_versions(f"name='{name}'")
+    c = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    # search results carry no aliases; read each version in full
+    return [c.get_model_version(name, v.version) for v in c.search_model_versions(f"name='{name}'")]
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +100,7 @@ def deployed_run(prefect_api, tmp_path_factory):
         t0 = time.monotonic()
         p = subprocess.run(
             [prefect, "deployment", "run", "distill/tiny", "--param", f"preset={PRESET}",
-             "--param", f"overrides={json.dumps(test_scale_overrides())}", "--watch",
+             "--param", f"overrides={json.dumps(micro_overrides())}", "--watch",
              "--watch-interval", "5", "--watch-timeout", "1500"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=1600,
         )  # fmt: skip
@@ -137,12 +139,16 @@ def test_deployment_run_completes_and_registers(deployed_run, prefect_api):
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id]))
         )
-    kinds = {a.type for a in arts}
-    assert {"table", "markdown", "link"} <= kinds, kinds
-    link = next(a for a in arts if a.type == "link")
-    assert "experiments/" in str(link.data) and "runs/" in str(link.data)
-    md = next(a for a in arts if a.type == "markdown").data
-    assert "dd-micro" in md and ("champion" in md or "challenger" in md)
+    by_key = {a.key: a for a in arts}
+    assert by_key[f"metrics-{PRESET}"].type == "table"
+    table = json.loads(by_key[f"metrics-{PRESET}"].data)
+    assert {row["sampler"] for row in table} >= {"teacher", "dd1-1step"} and all(
+        "fid" in row for row in table
+    )
+    report = by_key[f"report-{PRESET}"].data
+    assert "dd-micro v1" in report and "champion" in report
+    link = by_key[f"mlflow-run-{PRESET}"].data  # Prefect stores links as markdown "[text](url)"
+    assert "MLflow run" in link and "#experiments/" in link and "/runs/" in link
 
     versions = registered_versions(r["tracking"], "dd-micro")
     assert len(versions) == 1
@@ -167,7 +173,7 @@ def test_local_entry_point_runs_without_a_server(deployed_run, tmp_path):
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     }
     t0 = time.monotonic()
-    sets = [a for o in test_scale_overrides() for a in ("--set", o)]
+    sets = [a for o in micro_overrides() for a in ("--set", o)]
     p = run([str(BIN / "python"), "-m", "flows.distill", "--preset", PRESET, *sets], env, 600)
     seconds = time.monotonic() - t0
     out = p.stdout + p.stderr
