@@ -1,0 +1,292 @@
+"""The DD1 VAR student: the teacher VAR re-wired to map a noise trajectory state X_t (per-scale
+code vectors, the first t scales data, the rest Gaussian noise) to the whole final pyramid in one
+forward pass.
+
+Layout (the released `VAR-DD/var-d{16,20,24}.pth` students, `DD_Model` in the DD1 code):
+  * patch_nums gets an extra leading 1: the sequence is [sos] + the L = sum pn^2 token positions,
+    so `pos_1LC` has L + 1 rows and `lvl_embed` S + 1 rows. The teacher's rows are shifted by one;
+    row 1 (the new 1x1 slot, where the first real scale now sits) is new.
+  * inputs are the raw per-scale code vectors (B, L, Cvae) through the teacher's `word_embed` (the
+    teacher instead sees upsampled cumulative f_hat): a noise vector has no meaningful f_hat.
+  * attention: a token at level k sees all strictly lower levels and itself only. Within a scale
+    q_j = f(eps_j, previous scales), so a token must not mix with its scale-mates' noise.
+  * noise/data flag: `n_d_embed` = Embedding(2, C) added at the input (1 for sos and data
+    positions), and `layerwise_n_d_embed` = Linear(C, C) x (depth + 1): block i adds its projection
+    between attention and FFN, the last one is added before both heads. The flag is the only time
+    signal (t = number of data scales; data positions are < L - sum_{s>=t} pn_s^2).
+  * heads: the teacher's logits head (`head_nm` + `head`) and a continuous PixArt-style
+    `final_layer_conti` (C -> Cvae, adaLN on the class embedding). Outputs are [:, 1:], so output
+    j belongs to input position j (token j predicts itself: q_j from eps_j and coarser scales).
+Parameter and buffer names match the released checkpoints, so `load_var_student_checkpoint` loads
+them strictly (EMA weights under ['trainer']['ema_parameters'], raw under ['trainer']['var_wo_ddp']).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ddcore.checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
+from ddcore.dd1.student import FinalLayer
+from ddcore.models.var import VAR, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig
+from ddcore.teachers.var import suggest_var
+
+__all__ = [
+    "DD1VARStudent",
+    "clone_var_student",
+    "load_var_student_checkpoint",
+    "student_levels",
+    "student_mask",
+]
+
+NEW_ROW_STD = 0.02  # new embedding rows and n_d_embed, as the DD1 teacher initialisation
+
+
+def student_levels(patch_nums: tuple[int, ...]) -> Tensor:
+    """(1, L + 1) level of every position: 0 for sos, k + 1 for the teacher's scale k."""
+    pns = (1, *patch_nums)
+    return torch.cat([torch.full((p * p,), i) for i, p in enumerate(pns)]).view(1, -1)
+
+
+def student_mask(patch_nums: tuple[int, ...]) -> Tensor:
+    """(1, 1, L + 1, L + 1) additive mask: strictly lower levels and the diagonal are visible."""
+    lvl = student_levels(patch_nums).view(-1)
+    bias = torch.where(lvl[:, None] > lvl[None, :], 0.0, -torch.inf)
+    bias.fill_diagonal_(0.0)
+    return bias.view(1, 1, lvl.numel(), lvl.numel())
+
+
+class NDBlock(AdaLNSelfAttn):
+    """The teacher's AdaLN block (same parameters) with the projected noise/data embedding added
+    between attention and FFN, so every layer is told which positions are still noise."""
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, cond: Tensor, mask: Tensor | None = None, nd: Tensor | None = None
+    ) -> Tensor:
+        if self.shared_aln:
+            mods = self.ada_gss + cond
+        else:
+            mods = self.ada_lin(cond).view(-1, 1, 6, x.shape[-1])
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
+        x = x + self.attn(self.ln(x) * (1 + scale1) + shift1, mask) * gamma1
+        if nd is not None:
+            x = x + nd
+        return x + self.ffn(self.ln(x) * (1 + scale2) + shift2) * gamma2
+
+
+class DD1VARStudent(nn.Module):
+    def __init__(self, cfg: VARConfig, codebook: Tensor):
+        super().__init__()
+        if tuple(codebook.shape) != (cfg.vocab_size, cfg.Cvae):
+            raise ValueError(
+                f"codebook is {tuple(codebook.shape)}, the config wants ({cfg.vocab_size}, {cfg.Cvae})"
+            )
+        self.cfg = cfg  # the teacher's config; the student's own patch_nums are (1, *cfg.patch_nums)
+        c, seq, n_scales = cfg.embed_dim, cfg.seq_len, len(cfg.patch_nums)
+        std = math.sqrt(1 / c / 3)
+        self.word_embed = nn.Linear(cfg.Cvae, c)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, c)  # null row kept: teacher layout
+        self.pos_start = nn.Parameter(torch.empty(1, 1, c))
+        self.pos_1LC = nn.Parameter(torch.empty(1, seq + 1, c))
+        self.lvl_embed = nn.Embedding(n_scales + 1, c)
+        if cfg.shared_aln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(c, 6 * c))
+        self.blocks = nn.ModuleList([NDBlock(cfg) for _ in range(cfg.depth)])
+        self.head_nm = AdaLNBeforeHead(cfg)
+        self.head = nn.Linear(c, cfg.vocab_size)
+        self.n_d_embed = nn.Embedding(2, c)
+        self.layerwise_n_d_embed = nn.ModuleList([nn.Linear(c, c) for _ in range(cfg.depth + 1)])
+        self.final_layer_conti = FinalLayer(c, cfg.Cvae)
+        # persistent like the original's, so a full `var_wo_ddp` state dict loads strictly
+        self.register_buffer("lvl_1L", student_levels(cfg.patch_nums))
+        self.register_buffer("attn_bias_for_masking", student_mask(cfg.patch_nums))
+        # data positions for t data scales are < starts[t] (t = S: everything is data)
+        starts = [b for b, _ in cfg.begin_ends] + [seq]
+        self._starts = torch.tensor(starts, dtype=torch.long, device="cpu")
+        # fp32 plain attribute: not a parameter, not in the released state dicts, never cast to bf16
+        self.codebook = codebook.detach().float().clone()
+        if not self.head.weight.is_meta:
+            self._init_weights(std)
+
+    def _init_weights(self, std: float) -> None:
+        """VAR's own initialisation for the fresh model (from_teacher overwrites the shared parts)."""
+        for t in (self.class_emb.weight, self.pos_start, self.pos_1LC, self.lvl_embed.weight):
+            nn.init.trunc_normal_(t, std=std)
+        for lin in (*self.layerwise_n_d_embed, self.final_layer_conti.linear):
+            nn.init.trunc_normal_(lin.weight, std=std)
+            nn.init.zeros_(lin.bias)
+        nn.init.trunc_normal_(self.n_d_embed.weight, std=NEW_ROW_STD)
+
+    @classmethod
+    def from_teacher(cls, var: VAR, codebook: Tensor) -> DD1VARStudent:
+        """A student whose shared parts are copies of the teacher VAR's weights.
+
+        Copied: word_embed, class_emb, pos_start, blocks, shared_ada_lin, head_nm, head; lvl_embed
+        and pos_1LC with the teacher rows shifted by one. New (random): their row 1, n_d_embed, the
+        layerwise projections and final_layer_conti. (The original re-initialises class_emb row 1
+        where lvl_embed row 1 was meant; here lvl_embed row 1 is the one initialised.)
+        """
+        device = var.pos_1LC.device
+        student = cls(var.cfg, codebook.to("cpu")).to(device)
+        with torch.no_grad():
+            for name in ("word_embed", "class_emb", "blocks", "head_nm", "head"):
+                getattr(student, name).load_state_dict(getattr(var, name).state_dict())
+            if var.cfg.shared_aln:
+                student.shared_ada_lin.load_state_dict(var.shared_ada_lin.state_dict())
+            student.pos_start.copy_(var.pos_start)
+            for dst, src in (
+                (student.lvl_embed.weight, var.lvl_embed.weight),
+                (student.pos_1LC[0], var.pos_1LC[0]),
+            ):
+                dst[0].copy_(src[0])
+                dst[2:].copy_(src[1:])
+                nn.init.trunc_normal_(dst[1], std=NEW_ROW_STD)
+        return student
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.seq_len
+
+    @property
+    def token_dim(self) -> int:
+        return self.cfg.Cvae
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.cfg.patch_nums)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        device = self.head.weight.device
+        if device.type != "meta" and not self.codebook.is_meta:  # follow the weights, stay fp32
+            self.codebook = self.codebook.to(device)
+        return out
+
+    def data_len(self, t: Tensor | int) -> Tensor:
+        """Number of data positions for t data scales: L - sum_{s>=t} pn_s^2 (same shape as t)."""
+        t = torch.as_tensor(t).long().cpu()
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) > self.num_scales):
+            raise ValueError(f"t counts data scales, in [0, {self.num_scales}]; got {t.tolist()}")
+        return self._starts[t]
+
+    def _data_mask(self, t: Tensor | int, bsz: int, device) -> Tensor:
+        """(B, L) True at the data positions of X_t."""
+        n = self.data_len(t).reshape(-1).expand(bsz).to(device)
+        return torch.arange(self.seq_len, device=device)[None, :] < n[:, None]
+
+    def perturb(self, data: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """X_t: the first t scales from `data`, the rest from `noise` (both (B, L, Cvae))."""
+        keep = self._data_mask(t, data.shape[0], data.device)[..., None]
+        return torch.where(keep, data, noise)
+
+    # --- forward ------------------------------------------------------------------------------
+    def hidden(self, x: Tensor, labels: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
+        """(final hidden state (B, L + 1, C) fp32 with the last n/d projection added, class
+        embedding (B, C), n/d embedding (B, L + 1, C)): what both heads read."""
+        bsz, seq_len, _ = x.shape
+        if seq_len != self.seq_len:
+            raise ValueError(f"student expects {self.seq_len} positions, got {seq_len}")
+        data = self._data_mask(t, bsz, x.device)
+        flags = torch.cat([data.new_ones(bsz, 1), data], dim=1).long()  # sos counts as data
+        cond = self.class_emb(labels.to(x.device).long())
+        sos = cond[:, None] + self.pos_start
+        h = torch.cat([sos, self.word_embed(x.float())], dim=1)
+        h = h + self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        nd = self.n_d_embed(flags)
+        h = h + nd
+        mask = self.attn_bias_for_masking.to(h.dtype)
+        bc = self.shared_ada_lin(cond) if self.cfg.shared_aln else cond
+        for block, proj in zip(self.blocks, self.layerwise_n_d_embed, strict=False):
+            h = block(h, bc, mask, proj(nd))
+        h = h.float() + self.layerwise_n_d_embed[-1](nd).float()
+        return h, cond, nd
+
+    def forward(self, x: Tensor, labels: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
+        """x (B, L, Cvae) = X_t, labels (B,), t (B,) data-scale counts ->
+        (logits (B, L, V) fp32, continuous tokens (B, L, Cvae) fp32); output j predicts token j."""
+        h, cond, _ = self.hidden(x, labels, t)
+        logits = self.head(self.head_nm(h, cond.float())).float()[:, 1:]
+        cont = self.final_layer_conti(h, cond.float()[:, None]).float()[:, 1:]
+        return logits, cont
+
+    # --- DD1 read-outs ------------------------------------------------------------------------
+    def nearest_indices(self, x: Tensor) -> Tensor:
+        """Index of the nearest codebook entry of every vector (B, L, Cvae) -> (B, L)."""
+        cb = self.codebook.to(x.device)
+        d2 = (x.float() ** 2).sum(-1, keepdim=True) - 2 * x.float() @ cb.T + (cb**2).sum(-1)
+        return d2.argmin(-1)
+
+    def final_predict(
+        self, x: Tensor, labels: Tensor, t: Tensor | int, idx: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(continuous (B, L, Cvae), logits (B, L, V)): data positions of X_t keep the input (their
+        logits one-hot, 0 / -inf, on `idx`, default the nearest codebook entry), the rest are the
+        model's outputs."""
+        logits, cont = self(x, labels, t)
+        keep = self._data_mask(t, x.shape[0], x.device)
+        idx = self.nearest_indices(x) if idx is None else idx.to(x.device).long()
+        onehot = torch.full_like(logits, float("-inf")).scatter_(-1, idx.unsqueeze(-1), 0.0)
+        logits = torch.where(keep[..., None], onehot, logits)
+        cont = torch.where(keep[..., None], x.float(), cont)
+        return cont, logits
+
+    def predict_vectors(
+        self, x: Tensor, labels: Tensor, t: Tensor | int, split_t: int, idx: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(vectors (B, L, Cvae), token indices (B, L)): scales < split_t use codebook[argmax
+        logits], later scales the continuous outputs (decoded without quantisation)."""
+        cont, logits = self.final_predict(x, labels, t, idx)
+        tokens = logits.argmax(-1)
+        snapped = self.codebook.to(x.device)[tokens]
+        use_tokens = self._data_mask(split_t, x.shape[0], x.device)[..., None]
+        return torch.where(use_tokens, snapped, cont), tokens
+
+
+# derived buffers: recomputed here when a file holds parameters only (EMA weights)
+_DERIVED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
+
+
+def load_var_student_checkpoint(
+    path: str | os.PathLike,
+    cfg: VARConfig,
+    codebook: Tensor,
+    device: str | torch.device = "cpu",
+    ema: bool = True,
+) -> DD1VARStudent:
+    """Strictly load a DD1 VAR student: a released `var-d*.pth` (EMA weights under
+    ['trainer']['ema_parameters'] when `ema`, else ['trainer']['var_wo_ddp']) or a raw state dict.
+
+    Every parameter must be present with its shape; the derived buffers (level ids, the mask,
+    the zero k-bias) are filled in when the file lacks them and shape-checked when it has them.
+    """
+    first = ("ema_parameters", "var_wo_ddp") if ema else ("var_wo_ddp", "ema_parameters")
+    sd = dict(unwrap_state_dict(load_state_dict_file(path), prefer=("trainer", *first)))
+    with torch.device("meta"):
+        student = DD1VARStudent(cfg, torch.empty(cfg.vocab_size, cfg.Cvae))
+    fill = {"lvl_1L": student_levels(cfg.patch_nums), "attn_bias_for_masking": student_mask(cfg.patch_nums)}
+    for name, buf in student.named_buffers():
+        if name.split(".")[-1] in _DERIVED and name not in sd:
+            sd[name] = fill.get(name, torch.zeros(buf.shape))
+    load_strict(
+        student,
+        sd,
+        drop_patterns=(),
+        what=f"DD1 VAR student (depth {cfg.depth}, C {cfg.embed_dim})",
+        suggest=suggest_var,
+        assign=True,
+    )
+    student.codebook = codebook.detach().float().clone()
+    return student.to(device).eval()
+
+
+def clone_var_student(student: DD1VARStudent) -> DD1VARStudent:
+    """Deep copy (for EMA weights)."""
+    return copy.deepcopy(student)
