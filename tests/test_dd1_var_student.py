@@ -253,3 +253,21 @@ def test_codebook_stays_fp32_and_follows_device():
     assert s.head.weight.dtype == torch.float64 and s.codebook.dtype == torch.float32
     with pytest.raises(ValueError, match="codebook"):
         DD1VARStudent(s.cfg, torch.zeros(3, 4))
+
+
+def test_one_and_two_step_sampling():
+    s, _, _ = _student()
+    noise, labels = _inputs()
+    one, tok1 = s.sample_vectors(labels, noise, [0], split_t=2)
+    want, want_tok = s.predict_vectors(noise, labels, 0, split_t=2)
+    assert torch.equal(one, want) and torch.equal(tok1, want_tok)
+    two, _ = s.sample_vectors(labels, noise, (0, 2), split_t=2)
+    assert torch.equal(two[:, :5], one[:, :5])  # the first two scales stay from step one
+    again, _ = s.predict_vectors(s.perturb(one, noise, 2), labels, 2, split_t=2)
+    assert torch.equal(two, again)  # step two restarts the rest from the same noise
+    assert not torch.equal(two[:, 5:], one[:, 5:])
+    with torch.no_grad():
+        img = small_vqvae().decode_vectors_pyramid(two)  # continuous tokens decode without snapping
+    assert img.shape == (3, 3, 8, 8) and torch.isfinite(img).all()
+    with pytest.raises(ValueError, match="t_list"):
+        s.sample_vectors(labels, noise, (2,), split_t=2)

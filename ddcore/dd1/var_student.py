@@ -249,6 +249,23 @@ class DD1VARStudent(nn.Module):
         use_tokens = self._data_mask(split_t, x.shape[0], x.device)[..., None]
         return torch.where(use_tokens, snapped, cont), tokens
 
+    @torch.no_grad()
+    def sample_vectors(
+        self, labels: Tensor, noise: Tensor, t_list: tuple[int, ...] | list[int], split_t: int
+    ) -> tuple[Tensor, Tensor]:
+        """Few-step DD1 sampling in token-vector space: (vectors (B, L, Cvae), indices (B, L)).
+
+        t_list (0, ...) as the official `--t_list`: each step keeps the first t scales of the last
+        prediction, resets the rest to the *same* noise and predicts the whole pyramid again;
+        split_t is `--loss_split_t`. Decode with `VQVAE.decode_vectors_pyramid`.
+        """
+        if not len(t_list) or t_list[0] != 0:
+            raise ValueError(f"t_list must start at 0 (pure noise), got {list(t_list)}")
+        x, tokens = noise, None
+        for t in t_list:
+            x, tokens = self.predict_vectors(self.perturb(x, noise, t), labels, t, split_t)
+        return x, tokens
+
 
 # derived buffers: recomputed here when a file holds parameters only (EMA weights)
 _DERIVED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
