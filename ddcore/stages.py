@@ -571,7 +571,9 @@ def _torchrun_distill(preset_name: str, preset: Preset, layout: Layout, nproc: i
         "-m", "ddcore.cli", "--params", str(params), "--quiet", "distill", "--preset", preset_name,
     ]  # fmt: skip
     log.info("distill[%s]: %s", preset_name, " ".join(cmd))
-    subprocess.run(cmd, env=env, check=True)
+    subprocess.run(
+        cmd, env=env, check=True, stdout=sys.stderr
+    )  # keep this process's stdout for its own result
     meta = json.loads((layout.student_dir / "student.json").read_text())
     return meta.get("summary", {})
 

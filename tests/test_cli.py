@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from micro_project import PRESET, MicroProject, micro_project
 from PIL import Image
@@ -174,3 +175,22 @@ def test_sample_rejects_labels_outside_the_classes(project, tmp_path):
         check=False,
     )
     assert p.returncode != 0 and "outside [0," in p.stderr
+
+
+def test_distill_under_torchrun_matches_one_process(project, tmp_path):
+    """DD_NPROC_PER_NODE=2: the stage runs the trainer under torchrun (gloo on CPU); DDP computes
+    the single-process gradient, so the student equals the one the pipeline trained."""
+    from safetensors.torch import load_file
+
+    clone = tmp_path / "clone"
+    shutil.copytree(project.root, clone, symlinks=True)
+    shutil.rmtree(clone / "models" / PRESET / "student")
+    p = MicroProject(clone, project.env | {"DD_NPROC_PER_NODE": "2"}, 0, "")
+    out = json.loads(p.ddcore("--quiet", "distill", "--preset", PRESET).stdout)
+    assert out["processes"] == 2 and out["summary"]["world_size"] == 2
+    one = load_file(project.root / "models" / PRESET / "student" / "student.safetensors")
+    two = load_file(clone / "models" / PRESET / "student" / "student.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
+    assert (clone / "metrics" / PRESET / "train_log.csv").read_text().startswith("step")
