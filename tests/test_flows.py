@@ -198,3 +198,30 @@ def test_bad_params_fail_the_flow_before_any_work(prefect_api, tmp_path):
     assert p.returncode != 0
     assert "presets.micro.trajectories.num_pairs" in p.stderr + p.stdout
     assert not (tmp_path / "models" / PRESET).exists(), "no stage may start with invalid params"
+
+
+def test_gpu_deployments_deploy_to_a_kubernetes_pool(prefect_api):
+    """The GPU deployments as `prefect deploy` makes them: the kubernetes pool is created with our
+    base job template (validated by the server), the image comes from DD_WORKER_IMAGE at deploy
+    time, the weekly schedules and the baked-in code path are kept."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    template = json.loads((ROOT / "infra" / "k8s" / "base-job-template.json").read_text())
+    with prefect_client(prefect_api["url"]) as client:
+        client.create_work_pool(WorkPoolCreate(name="gpu-k8s", type="kubernetes", base_job_template=template))
+    env = base_env(
+        **prefect_env(prefect_api["home"], prefect_api["url"]), DD_WORKER_IMAGE="ddcore-gpu:lock-0123abcd"
+    )
+    run([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "llamagen", "--name", "var"], env, 300)
+    with prefect_client(prefect_api["url"]) as client:
+        for name, preset, cron in (("llamagen", "llamagen-b", "0 3 * * 1"), ("var", "var-d16", "0 3 * * 4")):
+            dep = client.read_deployment_by_name(f"distill/{name}")
+            assert dep.work_pool_name == "gpu-k8s"
+            assert dep.job_variables == {"image": "ddcore-gpu:lock-0123abcd", "gpus": 1}
+            assert dep.parameters == {"preset": preset, "parallel_shards": 1}
+            (sched,) = dep.schedules
+            assert sched.schedule.cron == cron and sched.active
+            assert dep.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/ddcore"}}
+            ]
+            assert dep.global_concurrency_limit.limit == 1
