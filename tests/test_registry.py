@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import mlflow
@@ -111,6 +112,8 @@ def registered(project, tmp_path_factory):
             res = registry.register_student(PRESET, preset_of(project), layout, flow_run_id="flow-run-123")
         finally:
             get_settings.cache_clear()
+            if os.environ.get("AWS_SECRET_ACCESS_KEY") == SECRET:  # exported for boto3 by configure()
+                del os.environ["AWS_SECRET_ACCESS_KEY"]
     return {"res": res, "tracking": tracking, "layout": layout}
 
 
@@ -223,3 +226,30 @@ def test_tracking_server_with_s3_artifacts(project, tmp_path, monkeypatch):
         model = registry.load_model("dd-micro", "champion", tracking_uri=srv.url)
         out = model.predict({"label": [1, 2], "seed": [5, 6]})
         assert out.dtype == np.uint8 and out.shape[0] == 2
+
+
+def test_local_store_with_s3_artifacts_by_settings(project, tmp_path, monkeypatch):
+    """No server: SQLite tracking, artifacts straight to S3, configured only by DD_* variables."""
+    from ddcore.settings import get_settings
+
+    with moto_s3(buckets=("ddcore-artifacts",)) as s3:
+        for k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("DD_S3_BUCKET", "ddcore-artifacts")
+        monkeypatch.setenv("DD_S3_ENDPOINT_URL", s3["url"])
+        monkeypatch.setenv("DD_AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("DD_AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        get_settings.cache_clear()
+        try:
+            tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+            res = registry.register_student(PRESET, preset_of(project), layout_of(project, tracking))
+            keys = s3_keys(s3["client"], "ddcore-artifacts")
+            assert keys and all(k.startswith("mlflow/") for k in keys)
+            assert any(k.endswith("student/student.safetensors") for k in keys)
+            model = registry.load_model("dd-micro", res["version"], tracking_uri=tracking)
+            assert model.predict({"label": [3], "seed": [9]}).shape[0] == 1
+        finally:
+            get_settings.cache_clear()
+            for k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                os.environ.pop(k, None)  # exported by registry.configure from the settings
