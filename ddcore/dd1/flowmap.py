@@ -35,7 +35,9 @@ class FlowSolver:
         return cls(p.steps, p.solver, p.r_min, p.r_max, getattr(torch, p.dtype))
 
     def grid(self) -> list[float]:
-        g = torch.logspace(torch.log10(torch.tensor(self.r_min)), torch.log10(torch.tensor(self.r_max)), self.steps)
+        g = torch.logspace(
+            torch.log10(torch.tensor(self.r_min)), torch.log10(torch.tensor(self.r_max)), self.steps
+        )
         return [0.0, *g.tolist()]
 
     @staticmethod
