@@ -210,16 +210,26 @@ def _pipeline(name: str, preset: Preset, layout, wanted: Sequence[str], progress
     for s in bar:
         bar.set_postfix_str(s)
         out.update(stages.run_pipeline(name, preset, layout, stages=[s], progress=progress))
-    return {s: _short(r) for s, r in out.items()}
+    return {s: _short(s, r) for s, r in out.items()}
 
 
-def _short(result) -> object:
-    """Stage results can be large (tiny-world reports); the pipeline prints headlines."""
-    if isinstance(result, dict):
+def _short(stage: str, result) -> object:
+    """Stage results can be large (tiny-world reports, manifests); the pipeline prints headlines."""
+    if not isinstance(result, dict):
+        return result
+    if stage in ("evaluate", "bench"):
+        key = "fid" if stage == "evaluate" else "sec_per_image"
         return {
-            k: v for k, v in result.items() if not isinstance(v, dict | list) or k in ("decision", "scores")
+            name: row.get(key)
+            for name, row in (result.get("samplers") or {}).items()
+            if isinstance(row, dict)
         }
-    return result
+    if stage == "trajectories":
+        m = result.get("manifest") or {}
+        return {k: m.get(k) for k in ("num_pairs", "num_shards", "config") if k in m}
+    if stage == "distill":
+        return {"processes": result.get("processes"), "final": result.get("final")}
+    return {k: v for k, v in result.items() if not isinstance(v, dict | list) or k in ("decision", "scores")}
 
 
 def _sample(args: argparse.Namespace, preset: Preset, layout) -> dict:
