@@ -319,8 +319,8 @@ def prepare_teacher(
         log.info("prepare[%s]: complete, skipping", preset_name)
         return m.result
     out = layout.teacher_dir
-    if out.exists() and read_marker(layout, "prepare") is not None:
-        shutil.rmtree(out)  # stale (other params): start clean
+    # stale marker (other params): drop it; the tiny world reuses whatever parts its own hashes allow
+    _marker_path(layout, "prepare").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if is_tiny(preset):
         result = _prepare_tiny(preset_name, preset, out, progress)
@@ -445,8 +445,13 @@ def generate_trajectories_stage(
         log.info("trajectories[%s]: complete, skipping", preset_name)
         return m.result
     old = read_marker(layout, "trajectories")
-    if old is not None and old.fingerprint != fp and layout.traj_dir.exists():
-        shutil.rmtree(layout.traj_dir)
+    if old is not None and old.fingerprint != fp:
+        if shard_ids is None:  # one process owns the folder: start clean
+            shutil.rmtree(layout.traj_dir, ignore_errors=True)
+        else:
+            # shards may run in parallel: never delete, only drop the stale claim (the generator
+            # itself regenerates shards written with another config)
+            _marker_path(layout, "trajectories").unlink(missing_ok=True)
     generate = _piece("ddcore.dd1.trajectories", "generate_trajectories", "the trajectories stage")
     teacher, _ = load_teacher(preset, layout.teacher_dir)
     manifest = generate(
