@@ -216,6 +216,7 @@ def evaluate_samplers(
     name = teacher_name or getattr(teacher, "name", None) or teacher.family
     result = {
         "samplers": rows,
+        "sampler_order": names,
         "reference": ref.describe(),
         "teacher_name": name,
         "protocol": {

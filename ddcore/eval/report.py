@@ -106,7 +106,8 @@ def render_results_table(
     """Markdown table for the README: quality from eval.json next to speed from bench.json.
 
     Speed columns come from the bench `case` (default: the first case in bench.json) and are
-    matched to eval rows by sampler name.
+    matched to eval rows by sampler name. Rows follow eval.json's `sampler_order` (JSON files
+    are written with sorted keys), else most steps first.
     """
     ev = read_json(eval_json)
     speed: dict = {}
@@ -124,8 +125,11 @@ def render_results_table(
         "off-support | s/img (bs 1) | img/s | speedup |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for name, r in ev.get("samplers", {}).items():
-        s = speed.get(name, {})
+    rows = ev.get("samplers", {})
+    order = [n for n in ev.get("sampler_order", []) if n in rows]
+    order += sorted((n for n in rows if n not in order), key=lambda n: (-(rows[n].get("steps") or 0), n))
+    for name in order:
+        r, s = rows[name], speed.get(name, {})
         lines.append(
             "| "
             + " | ".join(
