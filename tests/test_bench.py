@@ -87,7 +87,9 @@ def test_time_call_is_median_after_warmup(clock):
     def fn():
         clock.now += next(costs)
 
-    assert time_call(fn, repeats=3, warmup=1) == 2.0
+    times = []
+    assert time_call(fn, repeats=3, warmup=1, times=times) == 2.0
+    assert times == [3.0, 1.0, 2.0]
 
 
 def test_bench_case_known_answers(clock):

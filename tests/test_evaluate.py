@@ -125,7 +125,8 @@ def test_evaluate_samplers_identical_vs_shifted(world, tmp_path):
 
     for name in ("teacher", "shifted"):
         im = Image.open(tmp_path / f"grid_{name}.png")
-        assert im.size == (8 * 18 + 2, C * 18 + 2)  # 8 columns x one row per class, 2-px padding
+        # 8 columns x one row per class; 16-px images enlarged 4x to 64-px cells, 2-px padding
+        assert im.size == (8 * 66 + 2, C * 66 + 2)
     assert (tmp_path / "fid_vs_steps.png").stat().st_size > 1000
 
     table = render_results_table(tmp_path / "eval.json")

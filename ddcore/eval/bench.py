@@ -65,18 +65,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    """Median wall time of `fn` over `repeats` runs after `warmup` untimed runs."""
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int, times: list | None = None) -> float:
+    """Median wall time of `fn` over `repeats` runs after `warmup` untimed runs.
+
+    The individual times are appended to `times` when given, so the spread can be reported
+    next to the median (on a shared CPU it is often larger than the differences measured).
+    """
+    times = [] if times is None else times
     for _ in range(warmup):
         fn()
-    times = []
+    start = len(times)
     for _ in range(max(1, repeats)):
         _sync()
         t0 = time.perf_counter()
         fn()
         _sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times[start:])
 
 
 def _rss_bytes() -> int:
@@ -188,9 +193,10 @@ def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int 
     stop = n
     if n < teacher.seq_len:  # stop must fall on a step boundary
         stop = next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= n)
+    times: list[float] = []
     with torch.no_grad(), peak_memory(teacher.device) as mem:
         gen = time_call(
-            lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop), repeats, warmup
+            lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop), repeats, warmup, times
         )
     dec, dec_mem = decode
     gen_full = gen * teacher.seq_len / stop
@@ -200,6 +206,7 @@ def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int 
         "generate_seconds": gen_full,
         "decode_seconds": dec,
         "decode_share": dec / (gen_full + dec),
+        "generate_times": times,
         **_max_mem(mem, dec_mem),
     }
     if stop < teacher.seq_len:
@@ -212,9 +219,10 @@ def _measure_sampler(s, teacher, batch: int, repeats: int, warmup: int, decode) 
     num_classes = teacher.num_classes if teacher is not None else 1
     labels, seeds = _inputs(num_classes, batch)
     device = teacher.device if teacher is not None else "cpu"
+    times: list[float] = []
     with torch.no_grad(), peak_memory(device) as mem:
-        total = time_call(lambda: s.images(labels, seeds), repeats, warmup)
-    out = {"batch": batch, "seconds": total, **mem}
+        total = time_call(lambda: s.images(labels, seeds), repeats, warmup, times)
+    out = {"batch": batch, "seconds": total, "times": times, **mem}
     if decode is not None:
         # every sampler ends in the teacher's VQ decoder (students decode continuous vectors
         # with the same network), so the teacher's decode time is the decode part of `total`

@@ -46,12 +46,20 @@ def read_json(obj_or_path: Mapping | str | Path) -> dict:
     return json.loads(Path(obj_or_path).read_text())
 
 
-def save_grid(images: Tensor, nrow: int, path: str | Path, padding: int = 2) -> Path:
-    """Save float [0, 1] images (B, 3, H, W) as one PNG with `nrow` images per row."""
+def save_grid(images: Tensor, nrow: int, path: str | Path, padding: int = 2, min_cell: int = 64) -> Path:
+    """Save float [0, 1] images (B, 3, H, W) as one PNG with `nrow` images per row.
+
+    Cells smaller than `min_cell` pixels are enlarged by an integer factor (nearest neighbour,
+    so pixels stay pixels): 32-px tiny-world images are unreadable at their own size.
+    """
     from PIL import Image
     from torchvision.utils import make_grid
 
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=padding, pad_value=1.0)
+    x = images.detach().float().clamp(0, 1).cpu()
+    factor = -(-min_cell // x.shape[-1]) if x.shape[-1] < min_cell else 1
+    if factor > 1:
+        x = x.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
+    grid = make_grid(x, nrow=nrow, padding=padding, pad_value=1.0)
     arr = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
