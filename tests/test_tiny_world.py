@@ -165,7 +165,9 @@ def test_second_call_reuses_everything(prepared, micro):
     again = prepare_tiny_world(micro, out, progress=False, sampling=SamplingParams(cfg_scale=3.0))
     assert again["reused"] == list(PARTS)
     assert all(again["timings_s"][p] == 0.0 for p in PARTS)
-    assert again["build_s"] == first["build_s"]
+    # the procedural data is regenerated (cheap, seeded) on every call, so only its timing may differ
+    trained = [k for k in first["build_s"] if k != "data"]
+    assert {k: again["build_s"][k] for k in trained} == {k: first["build_s"][k] for k in trained}
     assert again["quality"] == first["quality"]
     assert {f: (out / f).stat().st_mtime_ns for f in FILES} == mtimes
 
