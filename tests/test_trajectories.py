@@ -127,6 +127,18 @@ def test_corrupt_shard_is_detected_and_regenerated(tmp_path):
     assert s0.stat().st_mtime_ns == t0
 
 
+def test_extending_the_set_keeps_finished_shards(tmp_path):
+    _gen(tmp_path / "grow")  # 50 pairs: shards of 20, 20, 10
+    s1 = tmp_path / "grow" / "shard_00001.safetensors"
+    before = (s1.stat().st_mtime_ns, s1.read_bytes())
+    man = _gen(tmp_path / "grow", num_pairs=70)  # 20, 20, 20, 10: shard 2 completed, shard 3 added
+    assert man.complete and [s.count for s in man.shards] == [20, 20, 20, 10]
+    assert (s1.stat().st_mtime_ns, s1.read_bytes()) == before
+    _gen(tmp_path / "fresh", num_pairs=70)
+    assert _digests(tmp_path / "grow") == _digests(tmp_path / "fresh")
+    assert len(TrajectoryDataset(tmp_path / "grow")) == 70
+
+
 def test_other_configuration_is_refused(tmp_path):
     _gen(tmp_path, shard_ids=[0])
     with pytest.raises(TrajectoryError, match="configuration"):

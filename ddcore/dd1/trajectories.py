@@ -14,8 +14,10 @@ Storage (out_dir):
 The noise is rounded to fp16 *before* the flow runs, so the stored noise is exactly the noise
 that produced the tokens.
 
-Resumable and parallel: a shard is done when its .json exists and the sha256 of its tensors
-matches; done shards are never rewritten, missing or corrupt ones are (re)generated. Processes
+Resumable, extensible and parallel: a shard is done when its .json exists, it holds the expected
+count and the sha256 of its tensors matches; done shards are never rewritten, missing or corrupt
+ones are (re)generated. Shard i's pairs do not depend on num_pairs, so raising num_pairs only
+adds shards (and completes a partial last one). Processes
 may work on disjoint `shard_ids` at once: each writes only its own files (atomically), and the
 manifest is rebuilt under an exclusive lock. Seeds are a hash of (trajectory seed, shard id,
 index in shard) and labels are drawn per shard from their own hash, so a shard's content does
@@ -102,14 +104,14 @@ def teacher_fingerprint(teacher: Teacher) -> str:
 def config_fingerprint(
     teacher_fp: str, sampling: SamplingParams, flow: FlowParams, traj: TrajectoryParams
 ) -> str:
-    """What a shard's content depends on. The batch size is a speed knob and is left out."""
+    """What a shard's content depends on. The batch size is a speed knob and is left out, and so
+    is num_pairs: shard i holds the same pairs whatever the total, so a set can be extended."""
     blob = json.dumps(
         {
             "version": FORMAT_VERSION,
             "teacher": teacher_fp,
             "sampling": sampling.model_dump(mode="json"),
             "flow": flow.model_dump(mode="json"),
-            "num_pairs": traj.num_pairs,
             "shard_size": traj.shard_size,
             "seed": traj.seed,
         },
@@ -226,8 +228,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _valid_shard(out_dir: Path, shard_id: int, config: str) -> ShardInfo | None:
-    """The shard's info if it is finished, made with this config, and its tensors match their sha256."""
+def _valid_shard(out_dir: Path, shard_id: int, config: str, count: int) -> ShardInfo | None:
+    """The shard's info if it is finished, made with this config, holds `count` pairs (the last
+    shard of a set that was later extended does not), and its tensors match their sha256."""
     data, meta = _shard_paths(out_dir, shard_id)
     if not (data.is_file() and meta.is_file()):
         return None
@@ -240,6 +243,8 @@ def _valid_shard(out_dir: Path, shard_id: int, config: str) -> ShardInfo | None:
             f"{meta}: made with configuration {m.get('config')}, not {config} (other teacher, sampling, "
             "flow or trajectory params); use a fresh directory"
         )
+    if m["info"].get("count") != count:
+        return None
     if data.stat().st_size != m.get("bytes") or _sha256(data) != m.get("sha256"):
         return None
     return ShardInfo(**m["info"])
@@ -255,10 +260,14 @@ def _locked(out_dir: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _rebuild_manifest(out_dir: Path, base: Manifest, num_shards: int) -> Manifest:
+def _rebuild_manifest(out_dir: Path, base: Manifest, ranges: list[tuple[int, int]]) -> Manifest:
     """Scan shard metadata (checksums verified) and write manifest.json atomically, under the lock."""
     with _locked(out_dir):
-        shards = [s for i in range(num_shards) if (s := _valid_shard(out_dir, i, base.config)) is not None]
+        shards = [
+            s
+            for i, (_, count) in enumerate(ranges)
+            if (s := _valid_shard(out_dir, i, base.config, count)) is not None
+        ]
         man = Manifest(**{**asdict(base), "shards": shards})
         atomic_write_json(out_dir / MANIFEST, man.to_dict())
     return man
@@ -368,9 +377,9 @@ def generate_trajectories(
     )
     chooser = FlowChooser(teacher.codebook, FlowSolver.from_params(flow_params))
     for i in ids:
-        if _valid_shard(out, i, config) is not None:
-            continue  # finished: never rewritten
         start, count = ranges[i]
+        if _valid_shard(out, i, config, count) is not None:
+            continue  # finished: never rewritten
         info = _generate_shard(
             teacher, sampling_params, chooser, traj_params, i, start, count, config, out, progress
         )
@@ -378,14 +387,19 @@ def generate_trajectories(
             print(
                 f"[trajectories] shard {i}: {count} pairs in {info.seconds:.1f} s ({info.pairs_per_s:.1f} pairs/s)"
             )
-    return _rebuild_manifest(out, base, len(ranges))
+    return _rebuild_manifest(out, base, ranges)
 
 
 def verify_shards(out_dir: str | os.PathLike) -> Manifest:
     """Re-check every shard against its checksum; raise unless the set is complete and intact."""
     out = Path(out_dir)
     man = load_manifest(out)
-    bad = [s.shard_id for s in man.shards if _valid_shard(out, s.shard_id, man.config) is None]
+    ranges = shard_ranges(TrajectoryParams(**man.trajectories))
+    bad = [
+        s.shard_id
+        for s in man.shards
+        if _valid_shard(out, s.shard_id, man.config, ranges[s.shard_id][1]) is None
+    ]
     missing = sorted(set(range(man.num_shards)) - {s.shard_id for s in man.shards})
     if bad or missing:
         raise TrajectoryError(f"{out}: corrupt shards {bad}, missing shards {missing}; rerun generation")
