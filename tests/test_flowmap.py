@@ -171,3 +171,22 @@ def test_flow_chooser_matches_multinomial_in_ar_teacher(params):
     # same noise, different draw rules: the samples are not simply identical
     assert not torch.equal(flow, multi)
     assert math.isfinite(pvals["flow"][0])
+
+
+def test_measurement_tool():
+    from ddcore.dd1.measure import flow_agreement_table, teacher_token_distributions
+
+    teacher = MarkovTeacher(seq_len=5, vocab=8, dim=4)
+    probs = teacher_token_distributions(teacher, SamplingParams(), n=40, batch=4)
+    assert probs.shape == (40, 8)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(40))
+    noise = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    rows = flow_agreement_table(
+        probs.double(),
+        teacher.codebook,
+        noise,
+        [FlowSolver(steps=32), FlowSolver(steps=1)],
+        FlowSolver(steps=32),
+    )
+    assert rows[0]["agreement"] == 1.0 and rows[0]["nfe"] == 64
+    assert rows[1]["agreement"] < 1.0
