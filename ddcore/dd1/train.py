@@ -469,17 +469,22 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
             return {"stopped_at": step}
 
         if step % tp.val_every == 0 or step == tp.steps:
+            sums = torch.tensor([acc["loss"], acc["ce"], acc["mse"], acc["lpips"]], dtype=torch.float64)
+            if world > 1:  # each rank summed its own shard's losses: average them over ranks
+                sums = sums.to(dev)
+                dist.all_reduce(sums)
+                sums = sums.cpu() / world
+            loss_m, ce_m, mse_m, lp_m = (sums / acc["n"]).tolist()
             row = {
                 "step": step,
-                "loss": acc["loss"] / acc["n"],
-                "ce": acc["ce"] / acc["n"],
-                "mse": acc["mse"] / acc["n"],
-                "lpips": acc["lpips"] / acc["n"] if lpips_loss is not None else None,
+                "loss": loss_m,
+                "ce": ce_m,
+                "mse": mse_m,
+                "lpips": lp_m if lpips_loss is not None else None,
                 "lr": lr,
                 "elapsed_s": round(elapsed0 + time.perf_counter() - t_run, 3),
             }
-            # in DDP every rank holds the same averaged-loss history only for its own shard;
-            # rank 0's numbers are logged (the model itself is identical on all ranks)
+            # validation on rank 0 only (the EMA model is identical on all ranks)
             if rank == 0:
                 vbs = max(1, micro)
                 row["val_acc_t0"] = _val_accuracy(ema, ds, val_idx, 0, vbs, dev)
