@@ -18,9 +18,7 @@ pipeline: env
 test: env
 	$(VENV)/bin/ruff check ddcore flows tests
 	$(VENV)/bin/ruff format --check ddcore flows tests
-	$(PY) -m pytest --ignore=tests/test_flows.py
-	# the Prefect end-to-end tests run in their own process (they start servers and workers)
-	$(PY) -m pytest tests/test_flows.py
+	$(PY) -m pytest
 
 lint: env
 	$(VENV)/bin/ruff check --fix ddcore flows tests && $(VENV)/bin/ruff format ddcore flows tests

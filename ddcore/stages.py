@@ -44,6 +44,9 @@ class StageError(RuntimeError):
 
 TINY_TEACHERS = frozenset({"tiny", "micro", "tiny-var", "micro-var"})
 MARKER = "_stage.json"
+# set only in the workers `_torchrun_distill` starts (not inferred from LOCAL_RANK, which any
+# launcher or leftover environment may carry): they train; the parent keeps the bookkeeping
+TORCHRUN_WORKER = "DD_TORCHRUN_WORKER"
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,7 +508,7 @@ def distill_stage(
         log.info("distill[%s]: complete, skipping", preset_name)
         _copy_train_log(layout)
         return m.result
-    if "LOCAL_RANK" in os.environ:  # a torchrun worker started below: train, nothing else
+    if os.environ.get(TORCHRUN_WORKER) == "1":  # a worker of _torchrun_distill: train, nothing else
         return _train_student(preset, layout, log_fn, progress)
     old = read_marker(layout, "distill")
     if old is not None and old.fingerprint != fp and layout.student_dir.exists():
@@ -570,6 +573,7 @@ def _torchrun_distill(preset_name: str, preset: Preset, layout: Layout, nproc: i
         "DD_METRICS_ROOT": str(layout.metrics_root),
         "DD_PROJECT_ROOT": str(layout.project_root),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        TORCHRUN_WORKER: "1",
     }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -170,20 +170,29 @@ def ddp_train_worker(rank: int, world: int, port: int, traj_dir: str, out_dir: s
     from ddcore.dd1.train import train_student
     from ddcore.params import StudentParams, TrainParams
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    dist_env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+    }
+    saved = {k: os.environ.get(k) for k in dist_env}
+    os.environ.update(dist_env)
     torch.set_num_threads(1)
-    train_student(
-        small_llamagen_teacher(0),
-        traj_dir,
-        StudentParams(t_list=[0, 6], split_t=10),
-        TrainParams(**train_kw),
-        out_dir,
-        device="cpu",
-        progress=False,
-    )
+    try:
+        train_student(
+            small_llamagen_teacher(0),
+            traj_dir,
+            StudentParams(t_list=[0, 6], split_t=10),
+            TrainParams(**train_kw),
+            out_dir,
+            device="cpu",
+            progress=False,
+        )
+    finally:  # rank 0 runs in the test process too: leave no distributed env behind
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -100,7 +100,8 @@ def base_env(**extra: str) -> dict:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "DD_")) and k not in ("HF_TOKEN",)
+        if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "DD_"))
+        and k not in ("HF_TOKEN", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
     env.update({"PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"})
     env.update(extra)
