@@ -55,3 +55,21 @@ def small_vq_config(**kw) -> VQConfig:
 def small_vq(seed: int = 0, **kw) -> VQModel:
     torch.manual_seed(seed)
     return VQModel(small_vq_config(**kw)).eval()
+
+
+def three_class_teacher(std: float | None = 0.3, seed: int = 0):
+    """A real `LlamaGenTeacher` small enough for metric tests: 16 tokens, vocab 32, 3 classes,
+    8 px images. `std` re-draws the GPT's matrices (LlamaGen zero-inits the head); None keeps init."""
+    from ddcore.teachers.llamagen import LlamaGenTeacher
+
+    torch.manual_seed(seed)
+    gpt = GPT(
+        GPTConfig(dim=32, n_layer=1, n_head=2, multiple_of=16, vocab_size=32, num_classes=3, block_size=16)
+    )
+    if std is not None:
+        with torch.no_grad():
+            for p in gpt.parameters():
+                if p.ndim > 1:
+                    p.normal_(0.0, std)
+    vq = VQModel(small_vq_config(codebook_size=32))
+    return LlamaGenTeacher(gpt.eval(), vq.eval(), num_classes=3, image_size=8)

@@ -174,24 +174,9 @@ def test_machine_info_describes_this_machine():
 
 
 def test_real_small_llamagen_teacher_runs_through_bench():
-    from ddcore.models.llamagen import GPT, GPTConfig
-    from ddcore.models.vq import VQConfig, VQModel
-    from ddcore.teachers.llamagen import LlamaGenTeacher
+    from llamagen_helpers import three_class_teacher
 
-    gpt = GPT(
-        GPTConfig(dim=32, n_layer=1, n_head=2, multiple_of=16, vocab_size=32, num_classes=3, block_size=16)
-    )
-    vq = VQModel(
-        VQConfig(
-            codebook_size=32,
-            encoder_ch_mult=(1, 2),
-            decoder_ch_mult=(1, 2),
-            z_channels=32,
-            ch=32,
-            num_res_blocks=1,
-        )
-    )
-    teacher = LlamaGenTeacher(gpt.eval(), vq.eval(), num_classes=3, image_size=8)
+    teacher = three_class_teacher(std=None)
     samplers = [TeacherSampler(teacher, SamplingParams(cfg_scale=2.0)), *dd1_random_students(teacher)]
     case = bench_case(samplers, "small", (1, 2), 1, 1, progress=False)
     t = case["samplers"]["teacher"]

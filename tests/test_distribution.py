@@ -101,28 +101,9 @@ def test_nll_rejects_bad_tokens():
 
 
 def test_real_llamagen_teacher_own_samples_never_leave_its_top_k_support():
-    from ddcore.models.llamagen import GPT, GPTConfig
-    from ddcore.models.vq import VQConfig, VQModel
-    from ddcore.teachers.llamagen import LlamaGenTeacher
+    from llamagen_helpers import three_class_teacher
 
-    torch.manual_seed(0)
-    cfg = GPTConfig(dim=32, n_layer=1, n_head=2, multiple_of=16, vocab_size=32, num_classes=3, block_size=16)
-    gpt = GPT(cfg)
-    with torch.no_grad():
-        for p in gpt.parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 0.3)
-    vq = VQModel(
-        VQConfig(
-            codebook_size=32,
-            encoder_ch_mult=(1, 2),
-            decoder_ch_mult=(1, 2),
-            z_channels=32,
-            ch=32,
-            num_res_blocks=1,
-        )
-    )
-    teacher = LlamaGenTeacher(gpt, vq, num_classes=3, image_size=8)
+    teacher = three_class_teacher()
     params = SamplingParams(cfg_scale=2.0, top_k=4)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     tokens = teacher.sample(labels, list(range(100, 106)), params)

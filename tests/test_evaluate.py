@@ -164,29 +164,12 @@ class GreedySampler:
 
 
 def test_evaluate_with_a_real_small_llamagen_teacher(tmp_path):
-    from ddcore.models.llamagen import GPT, GPTConfig
-    from ddcore.models.vq import VQConfig, VQModel
+    from llamagen_helpers import three_class_teacher
+
     from ddcore.samplers import TeacherSampler
-    from ddcore.teachers.llamagen import LlamaGenTeacher
     from ddcore.tiny.evaluator import EvaluatorConfig, TinyEvaluator
 
-    torch.manual_seed(0)
-    gpt = GPT(
-        GPTConfig(dim=32, n_layer=1, n_head=2, multiple_of=16, vocab_size=32, num_classes=3, block_size=16)
-    )
-    with torch.no_grad():
-        for p in gpt.parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 0.3)
-    vq_cfg = VQConfig(
-        codebook_size=32,
-        encoder_ch_mult=(1, 2),
-        decoder_ch_mult=(1, 2),
-        z_channels=32,
-        ch=32,
-        num_res_blocks=1,
-    )
-    teacher = LlamaGenTeacher(gpt.eval(), VQModel(vq_cfg).eval(), num_classes=3, image_size=8)
+    teacher = three_class_teacher()
     params = SamplingParams(cfg_scale=1.5, top_k=8)
     evaluator = TinyEvaluator(EvaluatorConfig(image_size=8, num_classes=3, width=8, feature_dim=16)).eval()
     ext = tiny_extractor(evaluator, name="ddcore-test-real")
