@@ -447,14 +447,11 @@ def generate_trajectories_stage(
     if m := _complete(layout, "trajectories", fp):
         log.info("trajectories[%s]: complete, skipping", preset_name)
         return m.result
+    # a stale claim goes; the shards stay: the generator keeps those this configuration would
+    # write again (e.g. after num_pairs was raised) and regenerates the others in place
     old = read_marker(layout, "trajectories")
     if old is not None and old.fingerprint != fp:
-        if shard_ids is None:  # one process owns the folder: start clean
-            shutil.rmtree(layout.traj_dir, ignore_errors=True)
-        else:
-            # shards may run in parallel: never delete, only drop the stale claim (the generator
-            # itself regenerates shards written with another config)
-            _marker_path(layout, "trajectories").unlink(missing_ok=True)
+        _marker_path(layout, "trajectories").unlink(missing_ok=True)
     generate = _piece("ddcore.dd1.trajectories", "generate_trajectories", "the trajectories stage")
     teacher, _ = load_teacher(preset, layout.teacher_dir)
     manifest = generate(
@@ -465,6 +462,7 @@ def generate_trajectories_stage(
         layout.traj_dir,
         shard_ids=list(shard_ids) if shard_ids is not None else None,
         progress=progress,
+        replace=True,
     )
     result = {"manifest": _manifest_summary(manifest)}  # no absolute paths: this lands in a DVC output
     if shard_ids is not None:

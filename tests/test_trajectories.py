@@ -30,7 +30,7 @@ def _traj(**kw) -> TrajectoryParams:
     return TrajectoryParams(**{"num_pairs": N, "shard_size": SHARD, "batch_size": 16, "seed": 3, **kw})
 
 
-def _gen(out, shard_ids=None, teacher=None, flow=FLOW, **kw):
+def _gen(out, shard_ids=None, teacher=None, flow=FLOW, replace=False, **kw):
     return generate_trajectories(
         teacher or MarkovTeacher(),
         SamplingParams(),
@@ -39,6 +39,7 @@ def _gen(out, shard_ids=None, teacher=None, flow=FLOW, **kw):
         out,
         shard_ids=shard_ids,
         progress=False,
+        replace=replace,
     )
 
 
@@ -143,6 +144,19 @@ def test_other_configuration_is_refused(tmp_path):
     _gen(tmp_path, shard_ids=[0])
     with pytest.raises(TrajectoryError, match="configuration"):
         _gen(tmp_path, flow=FlowParams(steps=8))
+
+
+def test_replace_regenerates_other_configuration_in_place(tmp_path):
+    _gen(tmp_path / "old", num_pairs=70)  # 4 shards of the old flow
+    other = FlowParams(steps=8)
+    _gen(tmp_path / "old", flow=other, replace=True, shard_ids=[1])  # one parallel worker's share
+    assert [s.shard_id for s in load_manifest(tmp_path / "old").shards] == [1]
+    man = _gen(tmp_path / "old", flow=other, replace=True)  # the all-shards call
+    assert man.complete and man.num_shards == 3
+    assert not (tmp_path / "old" / "shard_00003.safetensors").exists()  # beyond the new range
+    assert not (tmp_path / "old" / "shard_00003.json").exists()
+    _gen(tmp_path / "fresh", flow=other)
+    assert _digests(tmp_path / "old") == _digests(tmp_path / "fresh")
 
 
 def test_parallel_processes_on_disjoint_shards(tmp_path):

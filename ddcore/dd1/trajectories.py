@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -228,9 +229,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _valid_shard(out_dir: Path, shard_id: int, config: str, count: int) -> ShardInfo | None:
+def _valid_shard(
+    out_dir: Path, shard_id: int, config: str, count: int, replace: bool = False
+) -> ShardInfo | None:
     """The shard's info if it is finished, made with this config, holds `count` pairs (the last
-    shard of a set that was later extended does not), and its tensors match their sha256."""
+    shard of a set that was later extended does not), and its tensors match their sha256.
+    A shard made with another config is refused, or with `replace` treated as missing."""
     data, meta = _shard_paths(out_dir, shard_id)
     if not (data.is_file() and meta.is_file()):
         return None
@@ -239,6 +243,8 @@ def _valid_shard(out_dir: Path, shard_id: int, config: str, count: int) -> Shard
     except json.JSONDecodeError:
         return None
     if m.get("config") != config:
+        if replace:
+            return None
         raise TrajectoryError(
             f"{meta}: made with configuration {m.get('config')}, not {config} (other teacher, sampling, "
             "flow or trajectory params); use a fresh directory"
@@ -260,13 +266,15 @@ def _locked(out_dir: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _rebuild_manifest(out_dir: Path, base: Manifest, ranges: list[tuple[int, int]]) -> Manifest:
+def _rebuild_manifest(
+    out_dir: Path, base: Manifest, ranges: list[tuple[int, int]], replace: bool = False
+) -> Manifest:
     """Scan shard metadata (checksums verified) and write manifest.json atomically, under the lock."""
     with _locked(out_dir):
         shards = [
             s
             for i, (_, count) in enumerate(ranges)
-            if (s := _valid_shard(out_dir, i, base.config, count)) is not None
+            if (s := _valid_shard(out_dir, i, base.config, count, replace)) is not None
         ]
         man = Manifest(**{**asdict(base), "shards": shards})
         atomic_write_json(out_dir / MANIFEST, man.to_dict())
@@ -347,9 +355,14 @@ def generate_trajectories(
     out_dir: str | os.PathLike,
     shard_ids: Sequence[int] | None = None,
     progress: bool = True,
+    replace: bool = False,
 ) -> Manifest:
     """Generate the missing (or corrupt) shards among `shard_ids` (default: all) and return the
-    manifest rebuilt from every finished shard in `out_dir`."""
+    manifest rebuilt from every finished shard in `out_dir`.
+
+    A directory holding shards of another configuration is refused, unless `replace`: then such
+    shards are regenerated in place (safe with parallel workers, each owning its shard ids), and
+    a call for all shards also deletes shard files beyond this set's range."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ranges = shard_ranges(traj_params)
@@ -378,7 +391,7 @@ def generate_trajectories(
     chooser = FlowChooser(teacher.codebook, FlowSolver.from_params(flow_params))
     for i in ids:
         start, count = ranges[i]
-        if _valid_shard(out, i, config, count) is not None:
+        if _valid_shard(out, i, config, count, replace) is not None:
             continue  # finished: never rewritten
         info = _generate_shard(
             teacher, sampling_params, chooser, traj_params, i, start, count, config, out, progress
@@ -387,7 +400,12 @@ def generate_trajectories(
             print(
                 f"[trajectories] shard {i}: {count} pairs in {info.seconds:.1f} s ({info.pairs_per_s:.1f} pairs/s)"
             )
-    return _rebuild_manifest(out, base, ranges)
+    if replace and shard_ids is None:
+        for extra in out.glob("shard_*"):
+            m = re.fullmatch(r"shard_(\d+)\.(json|safetensors)", extra.name)
+            if m and int(m.group(1)) >= len(ranges):
+                extra.unlink()
+    return _rebuild_manifest(out, base, ranges, replace)
 
 
 def verify_shards(out_dir: str | os.PathLike) -> Manifest:
