@@ -8,16 +8,18 @@ two ends of the same trajectory.
 * `dd1-2step`: one pass, keep the first t2 predicted tokens, put the *same* eps back into the
   other positions (X_t2), second pass.
 * `dd1-teacher-<n>-<m>` (DD1's "pre-trained-(n+1)-(m+1)"): one student pass; snap its first n
-  tokens to the codebook; the teacher regenerates positions n..m-1 from that prefix with the
+  tokens to the codebook; the teacher regenerates AR steps n..m-1 from that prefix with the
   same noise through the flow chooser; a student pass from X_m. n = 0 skips the first pass.
+t2, n, m and split_t count the teacher's AR steps: tokens for LlamaGen, whole scales for VAR
+(the student's `data_len` turns them into positions), so the same names work for both families.
 * `teacher-flow`: the teacher with the flow chooser (the distillation target itself).
 The student runs one forward pass per step, without a CFG pass (guidance is in the data).
 `steps` counts sequential network evaluations; for the teacher-assisted sampler the prefix is
 counted as one (parallel) evaluation, as in DD1's step counts.
 
-Decoding: positions < split_t decode codebook[argmax logits]; positions >= split_t decode the
+Decoding: positions before split_t decode codebook[argmax logits]; the later ones decode the
 continuous outputs directly (VQ decoder without quantisation). `tokens()` returns argmax
-indices below split_t and the nearest codebook entry of the continuous output above it.
+indices before split_t and the nearest codebook entry of the continuous output after it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from torch import Tensor
 
 from ddcore.dd1.baseline import OneStepBaselineSampler, load_marginals
 from ddcore.dd1.flowmap import FlowChooser, FlowSolver
-from ddcore.dd1.student import DD1Student
-from ddcore.dd1.train import load_student
+from ddcore.dd1.student import StudentReadout
+from ddcore.dd1.students import load_student
 from ddcore.dd1.trajectories import build_xt
 from ddcore.params import FlowParams, SamplingParams
 from ddcore.samplers import TeacherSampler
@@ -65,7 +67,7 @@ def _noise(teacher: Teacher, seeds: Sequence[int]) -> Tensor:
 class _StudentSteps:
     """Shared student read-out: one DD step from X_t and the final decode."""
 
-    student: DD1Student
+    student: StudentReadout
     teacher: Teacher
     split_t: int
 
@@ -75,11 +77,10 @@ class _StudentSteps:
         return self.student.predict_vectors(x, labels.to(x.device), tt, self.split_t)
 
     def _tokens_of(self, vec: Tensor, tok: Tensor) -> Tensor:
-        if self.split_t >= vec.shape[1]:
+        use_tok = self.student.data_mask(self.split_t, vec.shape[0], vec.device)
+        if bool(use_tok.all()):
             return tok
-        near = self.student.nearest_indices(vec)
-        use_tok = torch.arange(vec.shape[1], device=vec.device)[None, :] < self.split_t
-        return torch.where(use_tok, tok, near)
+        return torch.where(use_tok, tok, self.student.nearest_indices(vec))
 
     def _run(self, labels: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -102,11 +103,12 @@ class _StudentSteps:
 
 
 class DD1Sampler(_StudentSteps):
-    """1-step (X_0 -> X_L) or 2-step (X_0 -> keep tokens < t2 -> X_t2 with the same noise -> X_L)."""
+    """1-step (X_0 -> X_L) or 2-step (X_0 -> keep the first t2 steps' tokens -> X_t2 with the same
+    noise -> X_L). t2 and split_t count the teacher's AR steps (tokens for LlamaGen, scales for VAR)."""
 
     def __init__(
         self,
-        student: DD1Student,
+        student: StudentReadout,
         teacher: Teacher,
         mode: str = "1step",
         t2: int | None = None,
@@ -115,11 +117,11 @@ class DD1Sampler(_StudentSteps):
     ):
         if mode not in ("1step", "2step"):
             raise ValueError(f"mode {mode!r}: allowed '1step', '2step'")
-        if mode == "2step" and (t2 is None or not 0 < t2 < teacher.seq_len):
-            raise ValueError(f"2-step sampling needs 0 < t2 < {teacher.seq_len}, got {t2}")
+        if mode == "2step" and (t2 is None or not 0 < t2 < student.num_steps):
+            raise ValueError(f"2-step sampling needs 0 < t2 < {student.num_steps}, got {t2}")
         self.student = student.to(teacher.device).eval()
         self.teacher, self.mode, self.t2 = teacher, mode, t2
-        self.split_t = teacher.seq_len if split_t is None else int(split_t)
+        self.split_t = student.num_steps if split_t is None else int(split_t)
         self.name = name or f"dd1-{mode}"
         self.steps = 1 if mode == "1step" else 2
 
@@ -127,17 +129,18 @@ class DD1Sampler(_StudentSteps):
         eps = _noise(self.teacher, seeds)
         vec, tok = self._dd_step(eps, labels, 0)
         if self.mode == "2step":
-            is_data = torch.arange(eps.shape[1], device=eps.device)[None, :, None] < self.t2
+            is_data = self.student.data_mask(self.t2, eps.shape[0], eps.device)[..., None]
             vec, tok = self._dd_step(torch.where(is_data, vec, eps), labels, self.t2)
         return vec, tok
 
 
 class DD1TeacherAssistedSampler(_StudentSteps):
-    """DD step -> snap tokens < n -> teacher (flow chooser, same noise) fills n..m-1 -> DD step from X_m."""
+    """DD step -> snap the first n steps' tokens -> the teacher (flow chooser, same noise) runs AR
+    steps n..m-1 -> DD step from X_m. n and m count AR steps (tokens for LlamaGen, scales for VAR)."""
 
     def __init__(
         self,
-        student: DD1Student,
+        student: StudentReadout,
         teacher: Teacher,
         teacher_start_t: int,
         t2: int,
@@ -146,33 +149,30 @@ class DD1TeacherAssistedSampler(_StudentSteps):
         split_t: int | None = None,
         name: str | None = None,
     ):
-        L = teacher.seq_len
-        if not 0 <= teacher_start_t < t2 <= L:
-            raise ValueError(f"need 0 <= teacher_start_t < t2 <= {L}, got {teacher_start_t}, {t2}")
-        starts = [*teacher.step_starts, L]
-        if teacher_start_t not in starts or t2 not in starts:
-            raise ValueError(f"teacher_start_t and t2 must be AR step boundaries of the teacher: {starts}")
+        S = student.num_steps
+        if not 0 <= teacher_start_t < t2 <= S:
+            raise ValueError(f"need 0 <= teacher_start_t < t2 <= {S}, got {teacher_start_t}, {t2}")
         self.student = student.to(teacher.device).eval()
         self.teacher, self.n, self.m, self.params = teacher, int(teacher_start_t), int(t2), sampling_params
+        # the same boundaries in positions (VAR: whole scales)
+        self.n_pos, self.m_pos = int(student.data_len(self.n)), int(student.data_len(self.m))
         self.chooser = FlowChooser(teacher.codebook, FlowSolver.from_params(flow_params or FlowParams()))
-        self.split_t = L if split_t is None else int(split_t)
+        self.split_t = S if split_t is None else int(split_t)
         self.name = name or f"dd1-teacher-{self.n}-{self.m}"
-        teacher_evals = sum(1 for s in teacher.step_starts if self.n <= s < self.m)
-        self.steps = int(self.n > 0) + teacher_evals + int(self.m < L)
+        self.steps = int(self.n > 0) + (self.m - self.n) + int(self.m < S)
 
     def _run(self, labels: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
         eps = _noise(self.teacher, seeds)
         prefix = None
         if self.n > 0:
             vec, tok = self._dd_step(eps, labels, 0)
-            prefix = self._tokens_of(vec, tok)[:, : self.n]  # snap to the codebook
+            prefix = self._tokens_of(vec, tok)[:, : self.n_pos]  # snap to the codebook
         gen = self.teacher.generate(
-            labels, self.params, eps, chooser=self.chooser, prefix=prefix, stop=self.m
+            labels, self.params, eps, chooser=self.chooser, prefix=prefix, stop=self.m_pos
         )
-        L = eps.shape[1]
-        if self.m == L:
+        if self.m_pos == eps.shape[1]:
             return self.teacher.codebook[gen], gen
-        x = build_xt(eps, gen.clamp_min(0), self.m, self.teacher.codebook)
+        x = build_xt(eps, gen.clamp_min(0), self.m_pos, self.teacher.codebook)
         return self._dd_step(x, labels, self.m)
 
 
@@ -198,7 +198,7 @@ def build_samplers(names: Sequence[str], teacher: Teacher, student_dir: str | os
     student_dir = Path(student_dir)
     cache: dict = {}
 
-    def student() -> tuple[DD1Student, dict]:
+    def student() -> tuple[StudentReadout, dict]:
         if "s" not in cache:
             cache["s"] = load_student(student_dir, teacher, device=teacher.device)
         return cache["s"]

@@ -36,7 +36,7 @@ from ddcore.models.llamagen import (
     precompute_freqs_cis_2d,
 )
 
-__all__ = ["DD1Student", "FinalLayer", "load_student_checkpoint", "student_config"]
+__all__ = ["DD1Student", "FinalLayer", "StudentReadout", "load_student_checkpoint", "student_config"]
 
 
 def student_config(teacher_cfg: GPTConfig) -> GPTConfig:
@@ -67,7 +67,62 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm_final(h) * (1 + scale) + shift)
 
 
-class DD1Student(nn.Module):
+class StudentReadout:
+    """The DD1 read-outs shared by every student family.
+
+    A family supplies `forward(x, labels, t, with_cont)`, `data_len(t)` (how many leading
+    positions of X_t are data: t tokens for LlamaGen, the first t scales for VAR), `seq_len`,
+    `num_steps` (the largest t + 1) and a `codebook` attribute.
+    """
+
+    codebook: Tensor
+    seq_len: int
+
+    def data_mask(self, t: Tensor | int, bsz: int, device) -> Tensor:
+        """(B, L) True at the data positions of X_t."""
+        n = self.data_len(t).reshape(-1).expand(bsz).to(device)
+        return torch.arange(self.seq_len, device=device)[None, :] < n[:, None]
+
+    def nearest_indices(self, x: Tensor) -> Tensor:
+        """Index of the nearest codebook entry of every vector (B, L, d) -> (B, L)."""
+        cb = self.codebook.to(x.device)
+        d2 = (x.float() ** 2).sum(-1, keepdim=True) - 2 * x.float() @ cb.T + (cb**2).sum(-1)
+        return d2.argmin(-1)
+
+    def final_predict(
+        self, x: Tensor, labels: Tensor, t: Tensor | int, idx: Tensor | None = None, with_cont: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
+        """(continuous (B, L, d) or None, logits (B, L, V)): the data positions of X_t keep the
+        input (continuous output = input vector, logits one-hot (0 / -inf) on `idx`, default the
+        nearest codebook entry of the input); the others are the model's outputs."""
+        logits, cont = self(x, labels, t, with_cont=with_cont)
+        keep = self.data_mask(t, x.shape[0], x.device)
+        if not bool(keep.any()):  # X_0: nothing to keep (the 1-step path)
+            return cont, logits
+        idx = self.nearest_indices(x) if idx is None else idx.to(x.device).long()
+        onehot = torch.full_like(logits, float("-inf")).scatter_(-1, idx.unsqueeze(-1), 0.0)
+        logits = torch.where(keep[..., None], onehot, logits)
+        if cont is not None:
+            cont = torch.where(keep[..., None], x.float(), cont)
+        return cont, logits
+
+    def predict_vectors(
+        self, x: Tensor, labels: Tensor, t: Tensor | int, split_t: int, idx: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(vectors (B, L, d), token indices (B, L)): the positions before `data_len(split_t)` use
+        codebook[argmax logits], the rest the continuous outputs (decoded without quantisation).
+        The continuous head is not run when no position uses it."""
+        use_tokens = self.data_mask(split_t, x.shape[0], x.device)
+        need_cont = not bool(use_tokens.all())
+        cont, logits = self.final_predict(x, labels, t, idx, with_cont=need_cont)
+        tokens = logits.argmax(-1)
+        snapped = self.codebook.to(x.device)[tokens]
+        if not need_cont:
+            return snapped, tokens
+        return torch.where(use_tokens[..., None], snapped, cont), tokens
+
+
+class DD1Student(StudentReadout, nn.Module):
     def __init__(self, cfg: GPTConfig, codebook: Tensor):
         super().__init__()
         cfg = student_config(cfg)
@@ -125,6 +180,11 @@ class DD1Student(nn.Module):
     def token_dim(self) -> int:
         return self.codebook.shape[1]
 
+    @property
+    def num_steps(self) -> int:
+        """AR steps of the teacher: t ranges over 0..num_steps (t = num_steps is all data)."""
+        return self.cfg.block_size
+
     def _freqs(self, device) -> Tensor:
         if self.freqs_cis.device != torch.device(device):
             self.freqs_cis = self.freqs_cis.to(device)
@@ -143,10 +203,21 @@ class DD1Student(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def attach_codebook(self, codebook: Tensor) -> None:
+        """Set the plain attributes a state dict does not carry (after a meta-device load)."""
+        cfg = self.cfg
+        self.codebook = codebook.detach().float().cpu().clone()
+        self.freqs_cis = precompute_freqs_cis_2d(
+            cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num
+        )
+
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, x: Tensor, labels: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, labels: Tensor, t: Tensor | int, with_cont: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """x (B, L, d) = X_t, labels (B,), t (B,) data-token counts ->
-        (logits (B, L, V) fp32, continuous tokens (B, L, d) fp32); output i predicts token i."""
+        (logits (B, L, V) fp32, continuous tokens (B, L, d) fp32, or None without `with_cont`);
+        output i predicts token i."""
         bsz, seq_len, _ = x.shape
         if seq_len != self.cfg.block_size:
             raise ValueError(f"student expects {self.cfg.block_size} positions, got {seq_len}")
@@ -160,42 +231,15 @@ class DD1Student(nn.Module):
         for layer in self.layers:
             h = layer(h, freqs)
         logits = self.output(self.norm(h)).float()[:, 1:]
-        cont = self.final_layer_conti(h, cond).float()[:, 1:]
+        cont = self.final_layer_conti(h, cond).float()[:, 1:] if with_cont else None
         return logits, cont
 
-    # --- DD1 read-outs ------------------------------------------------------------------------
-    def nearest_indices(self, x: Tensor) -> Tensor:
-        """Index of the nearest codebook entry of every vector (B, L, d) -> (B, L)."""
-        cb = self.codebook.to(x.device)
-        d2 = (x.float() ** 2).sum(-1, keepdim=True) - 2 * x.float() @ cb.T + (cb**2).sum(-1)
-        return d2.argmin(-1)
-
-    def final_predict(
-        self, x: Tensor, labels: Tensor, t: Tensor, idx: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(continuous (B, L, d), logits (B, L, V)) where positions < t keep the input: their
-        continuous output is the input vector and their logits are one-hot (0 / -inf) on `idx`
-        (default: the nearest codebook entry of the input)."""
-        logits, cont = self(x, labels, t)
-        bsz, seq_len, _ = x.shape
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(bsz)
-        keep = torch.arange(seq_len, device=x.device)[None, :] < t[:, None]  # (B, L) data positions
-        idx = self.nearest_indices(x) if idx is None else idx.to(x.device).long()
-        onehot = torch.full_like(logits, float("-inf")).scatter_(-1, idx.unsqueeze(-1), 0.0)
-        logits = torch.where(keep[..., None], onehot, logits)
-        cont = torch.where(keep[..., None], x.float(), cont)
-        return cont, logits
-
-    def predict_vectors(
-        self, x: Tensor, labels: Tensor, t: Tensor, split_t: int, idx: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(vectors (B, L, d), token indices (B, L)): positions < split_t use
-        codebook[argmax logits], positions >= split_t the continuous outputs."""
-        cont, logits = self.final_predict(x, labels, t, idx)
-        tokens = logits.argmax(-1)
-        snapped = self.codebook.to(x.device)[tokens]
-        use_tokens = torch.arange(x.shape[1], device=x.device)[None, :, None] < split_t
-        return torch.where(use_tokens, snapped, cont), tokens
+    def data_len(self, t: Tensor | int) -> Tensor:
+        """Data positions of X_t: t itself (t counts tokens for this family)."""
+        t = torch.as_tensor(t).long().cpu()
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) > self.seq_len):
+            raise ValueError(f"t counts data tokens, in [0, {self.seq_len}]; got {t.tolist()}")
+        return t
 
 
 def load_student_checkpoint(
@@ -210,8 +254,7 @@ def load_student_checkpoint(
     with torch.device("meta"):
         student = DD1Student(cfg, torch.empty_like(codebook, device="meta"))
     load_strict(student, sd, what=f"DD1 LlamaGen student (dim {cfg.dim}, {cfg.n_layer} layers)", assign=True)
-    student.codebook = codebook.detach().float().clone()
-    student.freqs_cis = precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+    student.attach_codebook(codebook)
     return student.to(device).eval()
 
 

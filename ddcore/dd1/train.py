@@ -1,8 +1,10 @@
 """Distil the DD1 student: X_t -> the teacher's final token sequence, for t in t_list.
 
-Each training example is one stored pair (eps, q) and one t drawn uniformly from t_list; the
-input is X_t = (codebook[q_<t], eps_>=t) and the targets are the tokens q_>=t (positions < t are
-given and carry no loss). The loss (the papers do not publish one; see docs/dd1.md) is
+Each training example is one stored pair (eps, q) and one t drawn uniformly from t_list; t counts
+the teacher's AR steps given as data (tokens for LlamaGen, whole scales for VAR), which cover the
+first n = student.data_len(t) positions. The input is X_t = (codebook[q_<n], eps_>=n) and the
+targets are the tokens q_>=n (the data positions carry no loss; below, "i >= t" means i >= n).
+The student class comes from the teacher's family (`ddcore.dd1.students`). The loss (the papers do not publish one; see docs/dd1.md) is
 
     ce_weight    * CE(logits_i, q_i)                       summed over positions i >= t
   + mse_weight   * ||cont_i - codebook[q_i]||^2 / d         summed over positions i >= t
@@ -41,8 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddcore.checkpoints import atomic_path, atomic_write_text, load_model_config, save_model
-from ddcore.dd1.student import DD1Student
+from ddcore.checkpoints import atomic_path, atomic_write_text, save_model
+from ddcore.dd1.students import STUDENT, load_student, new_student
 from ddcore.dd1.trajectories import TrajectoryDataset, teacher_fingerprint
 from ddcore.params import StudentParams, TrainParams
 from ddcore.teachers.base import Teacher
@@ -60,7 +62,6 @@ __all__ = [
 
 LOG_COLUMNS = ("step", "loss", "ce", "mse", "lpips", "val_acc_t0", "val_acc_t2", "lr", "elapsed_s")
 CKPT = "checkpoint.pt"
-STUDENT = "student"
 BASELINE = "baseline.safetensors"
 
 
@@ -233,35 +234,14 @@ def _resolve_teacher(teacher_dir_or_teacher, device: torch.device) -> Teacher:
     return build_llamagen_teacher_from_dir(teacher_dir_or_teacher, device=device)
 
 
-def load_student(student_dir: str | os.PathLike, teacher: Teacher, device=None) -> tuple[DD1Student, dict]:
-    """The saved (EMA) student and its student.json."""
-    from ddcore.checkpoints import load_safetensors_model
-    from ddcore.models.llamagen import GPTConfig
-
-    d = Path(student_dir)
-    meta = load_model_config(d / STUDENT)
-    cfg = GPTConfig.from_dict(meta["config"])
-    fp = meta.get("teacher_fingerprint")
-    if fp is not None and fp != teacher_fingerprint(teacher):
-        raise ValueError(f"{d}: student was distilled from teacher {fp}, not from the one given")
-    with torch.device("meta"):
-        student = DD1Student(cfg, torch.empty(cfg.vocab_size, teacher.token_dim))
-    load_safetensors_model(d / STUDENT, student, what=f"DD1 student in {d}", assign=True)
-    student.codebook = teacher.codebook.detach().float().cpu().clone()
-    from ddcore.models.llamagen import precompute_freqs_cis_2d
-
-    student.freqs_cis = precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
-    return student.to(device or teacher.device).eval(), meta
-
-
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _val_accuracy(
-    model: DD1Student, ds: TrajectoryDataset, idx: Tensor, t: int, bs: int, device
+    model: nn.Module, ds: TrajectoryDataset, idx: Tensor, t: int, bs: int, device
 ) -> float | None:
-    """Token accuracy of argmax logits vs the trajectory targets over positions >= t."""
+    """Token accuracy of argmax logits vs the trajectory targets over the noise positions of X_t."""
     if idx.numel() == 0:
         return None
     model.eval()
@@ -269,10 +249,11 @@ def _val_accuracy(
     for i in range(0, idx.numel(), bs):
         sl = idx[i : i + bs]
         tt = torch.full((sl.numel(),), t)
-        x, tok, lab = ds.batch(sl, tt, model.codebook.cpu())
-        logits, _ = model(x.to(device), lab.to(device), tt.to(device))
-        pred = logits[:, t:].argmax(-1).cpu()
-        correct += int((pred == tok[:, t:]).sum())
+        n = int(model.data_len(t))
+        x, tok, lab = ds.batch(sl, model.data_len(tt), model.codebook.cpu())
+        logits, _ = model(x.to(device), lab.to(device), tt.to(device), with_cont=False)
+        pred = logits[:, n:].argmax(-1).cpu()
+        correct += int((pred == tok[:, n:]).sum())
         total += pred.numel()
     return correct / total
 
@@ -324,10 +305,6 @@ def train_student(
 def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at, rank, world, dev) -> dict:
     t_start = time.perf_counter()
     teacher = _resolve_teacher(teacher_src, dev)
-    if not hasattr(teacher, "gpt"):
-        raise NotImplementedError(
-            f"the DD1 student is implemented for LlamaGen teachers, not {teacher.family!r}"
-        )
     ds = TrajectoryDataset(traj_dir)
     man = ds.manifest
     tfp = teacher_fingerprint(teacher)
@@ -335,10 +312,13 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
         raise ValueError(
             f"{traj_dir}: trajectories come from teacher {man.teacher.get('fingerprint')}, not from this one ({tfp})"
         )
-    L = teacher.seq_len
-    bad_t = [t for t in sp.t_list if not 0 <= t < L]
+    L, n_steps = teacher.seq_len, len(teacher.step_sizes)
+    unit = "tokens" if n_steps == L else "scales"
+    bad_t = [t for t in sp.t_list if not 0 <= t < n_steps]
     if bad_t or not sp.t_list:
-        raise ValueError(f"student.t_list {sp.t_list}: every t must be in [0, {L})")
+        raise ValueError(
+            f"student.t_list {sp.t_list}: every t ({unit} given as data) must be in [0, {n_steps})"
+        )
     n_val = min(tp.val_pairs, len(ds) // 2)
     n_train = len(ds) - n_val
     micro = tp.batch_size // (world * tp.grad_accum)
@@ -361,7 +341,7 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
     codebook = teacher.codebook.detach().float().to(dev)
     with torch.random.fork_rng(devices=[]):  # the new layers' init depends on train.seed only
         torch.manual_seed(_hash_seed("init", tp.seed))
-        model = DD1Student.from_teacher(teacher.gpt, codebook.cpu()).to(device=dev, dtype=torch.float32)
+        model = new_student(teacher).to(device=dev, dtype=torch.float32)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -437,15 +417,16 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
             # this rank's share of micro-batch `a`
             off = (a * world + rank) * micro
             idx, t = sb.idx[off : off + micro], sb.t[off : off + micro]
-            x, tok, lab = ds.batch(idx, t, codebook.cpu())
-            x, tok, lab, t = x.to(dev), tok.to(dev), lab.to(dev), t.to(dev)
+            t_pos = model.data_len(t)  # t counts AR steps (tokens or scales); X_t is built per position
+            x, tok, lab = ds.batch(idx, t_pos, codebook.cpu())
+            x, tok, lab, t, t_pos = x.to(dev), tok.to(dev), lab.to(dev), t.to(dev), t_pos.to(dev)
             sync = a == tp.grad_accum - 1 or world == 1
             ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, amp():
                 logits, cont = ddp_model(x, lab, t)
-                loss, parts = dd1_loss(logits, cont, tok, t, codebook, tp.ce_weight, tp.mse_weight)
+                loss, parts = dd1_loss(logits, cont, tok, t_pos, codebook, tp.ce_weight, tp.mse_weight)
                 if lpips_loss is not None:
-                    keep = torch.arange(L, device=dev)[None, :, None] < t[:, None, None]
+                    keep = torch.arange(L, device=dev)[None, :, None] < t_pos[:, None, None]
                     pred = torch.where(keep, x, cont.float())
                     lp = lpips_loss(pred, codebook[tok])
                     loss = loss + tp.lpips_weight * lp

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ddcore.checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
-from ddcore.dd1.student import FinalLayer
+from ddcore.dd1.student import FinalLayer, StudentReadout
 from ddcore.models.var import VAR, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig
 from ddcore.teachers.var import suggest_var
 
@@ -78,7 +78,7 @@ class NDBlock(AdaLNSelfAttn):
         return x + self.ffn(self.ln(x) * (1 + scale2) + shift2) * gamma2
 
 
-class DD1VARStudent(nn.Module):
+class DD1VARStudent(StudentReadout, nn.Module):
     def __init__(self, cfg: VARConfig, codebook: Tensor):
         super().__init__()
         if tuple(codebook.shape) != (cfg.vocab_size, cfg.Cvae):
@@ -160,8 +160,17 @@ class DD1VARStudent(nn.Module):
     def num_scales(self) -> int:
         return len(self.cfg.patch_nums)
 
+    @property
+    def num_steps(self) -> int:
+        """AR steps of the teacher (scales): t ranges over 0..num_steps."""
+        return self.num_scales
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def attach_codebook(self, codebook: Tensor) -> None:
+        """Set the codebook (a plain attribute, not in the state dict) after a meta-device load."""
+        self.codebook = codebook.detach().float().cpu().clone()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -177,14 +186,9 @@ class DD1VARStudent(nn.Module):
             raise ValueError(f"t counts data scales, in [0, {self.num_scales}]; got {t.tolist()}")
         return self._starts[t]
 
-    def _data_mask(self, t: Tensor | int, bsz: int, device) -> Tensor:
-        """(B, L) True at the data positions of X_t."""
-        n = self.data_len(t).reshape(-1).expand(bsz).to(device)
-        return torch.arange(self.seq_len, device=device)[None, :] < n[:, None]
-
     def perturb(self, data: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """X_t: the first t scales from `data`, the rest from `noise` (both (B, L, Cvae))."""
-        keep = self._data_mask(t, data.shape[0], data.device)[..., None]
+        keep = self.data_mask(t, data.shape[0], data.device)[..., None]
         return torch.where(keep, data, noise)
 
     # --- forward ------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ class DD1VARStudent(nn.Module):
         bsz, seq_len, _ = x.shape
         if seq_len != self.seq_len:
             raise ValueError(f"student expects {self.seq_len} positions, got {seq_len}")
-        data = self._data_mask(t, bsz, x.device)
+        data = self.data_mask(t, bsz, x.device)
         flags = torch.cat([data.new_ones(bsz, 1), data], dim=1).long()  # sos counts as data
         cond = self.class_emb(labels.to(x.device).long())
         sos = cond[:, None] + self.pos_start
@@ -209,45 +213,16 @@ class DD1VARStudent(nn.Module):
         h = h.float() + self.layerwise_n_d_embed[-1](nd).float()
         return h, cond, nd
 
-    def forward(self, x: Tensor, labels: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, labels: Tensor, t: Tensor | int, with_cont: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """x (B, L, Cvae) = X_t, labels (B,), t (B,) data-scale counts ->
-        (logits (B, L, V) fp32, continuous tokens (B, L, Cvae) fp32); output j predicts token j."""
+        (logits (B, L, V) fp32, continuous tokens (B, L, Cvae) fp32, or None without `with_cont`);
+        output j predicts token j."""
         h, cond, _ = self.hidden(x, labels, t)
         logits = self.head(self.head_nm(h, cond.float())).float()[:, 1:]
-        cont = self.final_layer_conti(h, cond.float()[:, None]).float()[:, 1:]
+        cont = self.final_layer_conti(h, cond.float()[:, None]).float()[:, 1:] if with_cont else None
         return logits, cont
-
-    # --- DD1 read-outs ------------------------------------------------------------------------
-    def nearest_indices(self, x: Tensor) -> Tensor:
-        """Index of the nearest codebook entry of every vector (B, L, Cvae) -> (B, L)."""
-        cb = self.codebook.to(x.device)
-        d2 = (x.float() ** 2).sum(-1, keepdim=True) - 2 * x.float() @ cb.T + (cb**2).sum(-1)
-        return d2.argmin(-1)
-
-    def final_predict(
-        self, x: Tensor, labels: Tensor, t: Tensor | int, idx: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(continuous (B, L, Cvae), logits (B, L, V)): data positions of X_t keep the input (their
-        logits one-hot, 0 / -inf, on `idx`, default the nearest codebook entry), the rest are the
-        model's outputs."""
-        logits, cont = self(x, labels, t)
-        keep = self._data_mask(t, x.shape[0], x.device)
-        idx = self.nearest_indices(x) if idx is None else idx.to(x.device).long()
-        onehot = torch.full_like(logits, float("-inf")).scatter_(-1, idx.unsqueeze(-1), 0.0)
-        logits = torch.where(keep[..., None], onehot, logits)
-        cont = torch.where(keep[..., None], x.float(), cont)
-        return cont, logits
-
-    def predict_vectors(
-        self, x: Tensor, labels: Tensor, t: Tensor | int, split_t: int, idx: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(vectors (B, L, Cvae), token indices (B, L)): scales < split_t use codebook[argmax
-        logits], later scales the continuous outputs (decoded without quantisation)."""
-        cont, logits = self.final_predict(x, labels, t, idx)
-        tokens = logits.argmax(-1)
-        snapped = self.codebook.to(x.device)[tokens]
-        use_tokens = self._data_mask(split_t, x.shape[0], x.device)[..., None]
-        return torch.where(use_tokens, snapped, cont), tokens
 
     @torch.no_grad()
     def sample_vectors(
@@ -300,7 +275,7 @@ def load_var_student_checkpoint(
         suggest=suggest_var,
         assign=True,
     )
-    student.codebook = codebook.detach().float().clone()
+    student.attach_codebook(codebook)
     return student.to(device).eval()
 
 

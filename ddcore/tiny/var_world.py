@@ -33,13 +33,14 @@ from ddcore.models.var import VAR, VARConfig
 from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
 from ddcore.params import SamplingParams, TinyWorldParams
 from ddcore.teachers.var import VARTeacher, build_var_teacher_from_dir, save_var_teacher
-from ddcore.tiny.data import make_dataset_with_attributes, to_model_range
+from ddcore.tiny.data import CLASS_NAMES, make_dataset_with_attributes, to_model_range
 from ddcore.tiny.evaluator import (
     EvaluatorConfig,
     TinyEvaluator,
     accuracy,
     cosine_with_warmup,
     load_evaluator,
+    predict,
     save_evaluator,
     train_evaluator,
 )
@@ -293,8 +294,13 @@ def prepare_tiny_var_world(
     device: str | torch.device = "cpu",
     val_images: int = 1000,
     check_samples: int = 500,
+    sampling: SamplingParams | None = None,
 ) -> dict:
-    """Train the VQVAE, the VAR and the judge; write them and a quality report into `out`."""
+    """Train the VQVAE, the VAR and the judge; write them and a quality report into `out`.
+
+    The quality check samples with `sampling` (the preset's teacher settings; default
+    CHECK_SAMPLING) and records the preset's `min_sample_accuracy` as its gate."""
+    check_sampling = sampling or CHECK_SAMPLING
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_val = min(val_images, max(1, world.train_images // 10))
@@ -333,7 +339,8 @@ def prepare_tiny_var_world(
     save_evaluator(out / "evaluator", evaluator)
     evaluator = evaluator.to(device)
 
-    samples, sample_labels = sample_images(teacher, check_samples, seed=world.seed)
+    samples, sample_labels = sample_images(teacher, check_samples, check_sampling, seed=world.seed)
+    sample_acc, per_class = _accuracy_per_class(evaluator.cpu(), samples, sample_labels, world.num_classes)
     used = int((torch.bincount(tok_tr.flatten(), minlength=vq_cfg.vocab_size) > 0).sum())
     report = {
         "family": "var",
@@ -351,8 +358,10 @@ def prepare_tiny_var_world(
         },
         "evaluator": {"val_accuracy": accuracy(evaluator.cpu(), (x_val + 1) / 2, y_val)},
         "teacher": {
-            "sample_accuracy": accuracy(evaluator.cpu(), samples, sample_labels),
-            "sampling": CHECK_SAMPLING.model_dump(),
+            "sample_accuracy": sample_acc,
+            "sample_accuracy_per_class": per_class,
+            "min_accuracy": world.min_sample_accuracy,
+            "sampling": check_sampling.model_dump(),
             "num_samples": check_samples,
         },
     }
@@ -360,22 +369,43 @@ def prepare_tiny_var_world(
     return report
 
 
-def check_var_quality(report: dict, min_accuracy: float = 0.5, max_rec_mse: float = 0.05) -> list[str]:
-    """Problems that make the world useless as a teacher (empty list = fine)."""
+def check_var_quality(
+    report: dict,
+    world: TinyWorldParams | None = None,
+    max_rec_mse: float = 0.05,
+    max_nll_fraction: float = 0.8,
+) -> list[str]:
+    """Problems that make the world useless as a teacher (empty list = fine).
+
+    Gates: the world's `min_evaluator_accuracy` and `min_sample_accuracy` (without `world`: 0.9 and
+    the sample gate the report records); the tokenizer and NLL sanity checks apply unless the world
+    switches its reconstruction gate off (`min_recon_ratio: 0`, the test-scale worlds)."""
+    min_eval = 0.9 if world is None else world.min_evaluator_accuracy
+    min_acc = report["teacher"].get("min_accuracy", 0.5) if world is None else world.min_sample_accuracy
+    sanity = world is None or world.min_recon_ratio > 0
     problems = []
-    if report["vq"]["val_rec_mse"] > max_rec_mse:
+    if sanity and report["vq"]["val_rec_mse"] > max_rec_mse:
         problems.append(f"VQVAE reconstruction MSE {report['vq']['val_rec_mse']:.4f} > {max_rec_mse}")
-    if report["var"]["val_nll"] >= 0.8 * report["var"]["uniform_nll"]:
+    if sanity and report["var"]["val_nll"] >= max_nll_fraction * report["var"]["uniform_nll"]:
         problems.append(
             f"VAR held-out NLL {report['var']['val_nll']:.3f} is near uniform ({report['var']['uniform_nll']:.3f})"
         )
-    if report["evaluator"]["val_accuracy"] < 0.9:
-        problems.append(f"evaluator accuracy {report['evaluator']['val_accuracy']:.3f} < 0.9")
-    if report["teacher"]["sample_accuracy"] < min_accuracy:
+    if report["evaluator"]["val_accuracy"] < min_eval:
+        problems.append(f"evaluator accuracy {report['evaluator']['val_accuracy']:.3f} < {min_eval}")
+    if report["teacher"]["sample_accuracy"] < min_acc:
         problems.append(
-            f"teacher samples are recognised {report['teacher']['sample_accuracy']:.3f} < {min_accuracy}"
+            f"teacher samples are recognised {report['teacher']['sample_accuracy']:.3f} < {min_acc}"
         )
     return problems
+
+
+def _accuracy_per_class(
+    evaluator: TinyEvaluator, images: Tensor, labels: Tensor, num_classes: int
+) -> tuple[float, dict[str, float]]:
+    """The judge's accuracy on samples, overall and per class name."""
+    hit = (predict(evaluator, images) == labels.long()).float()
+    per = {CLASS_NAMES[k]: float(hit[labels == k].mean()) for k in range(num_classes) if (labels == k).any()}
+    return float(hit.mean()), per
 
 
 def load_tiny_var_world(
