@@ -119,8 +119,14 @@ class TrajectoryParams(Strict):
 
 
 class StudentParams(Strict):
-    t_list: list[int] = Field(default=[0, 32], description="data-token counts the student trains from")
-    split_t: int = Field(default=64, ge=0, description="positions >= split_t decode continuous outputs")
+    t_list: list[int] = Field(
+        default=[0, 32], description="AR steps given as data (tokens; VAR: scales) the student trains from"
+    )
+    split_t: int = Field(
+        default=64,
+        ge=0,
+        description="AR steps (tokens; VAR: scales) from split_t on decode continuous outputs",
+    )
 
 
 class TrainParams(Strict):
