@@ -11,11 +11,13 @@ import torch
 
 from ddcore.eval import bench as bench_mod
 from ddcore.eval.bench import (
+    RANDOM_CASES,
     bench_case,
     bench_samplers,
     dd1_random_students,
     machine_info,
     peak_memory,
+    random_teacher,
     time_call,
 )
 from ddcore.eval.report import render_results_table
@@ -187,3 +189,28 @@ def test_real_small_llamagen_teacher_runs_through_bench():
     for r in (s1, s2):
         assert r["sec_per_image"] > 0
         assert r["speedup"] == pytest.approx(t["sec_per_image"] / r["sec_per_image"])
+
+
+def test_real_small_var_teacher_runs_through_bench():
+    """The VAR family in the same bench: per-step (scale) timing, DD1 VAR students, no extrapolation."""
+    from var_helpers import small_var, small_vqvae
+
+    from ddcore.teachers.var import VARTeacher
+
+    teacher = VARTeacher(small_var(), small_vqvae())
+    samplers = [TeacherSampler(teacher, SamplingParams(cfg_scale=2.0)), *dd1_random_students(teacher)]
+    assert [s.name for s in samplers] == ["teacher", "dd1-1step", "dd1-2step"]
+    assert samplers[2].t2 == 2 and samplers[1].split_t == 4  # half the scales; every scale from logits
+    case = bench_case(samplers, "small-var", (1, 2), 1, 1, progress=False)
+    assert case["teacher"]["ar_steps"] == 4 and case["teacher"]["seq_len"] == 30
+    assert case["teacher"]["extrapolated_from_tokens"] is None
+    t = case["samplers"]["teacher"]
+    for name in ("dd1-1step", "dd1-2step"):
+        r = case["samplers"][name]
+        assert r["speedup"] == pytest.approx(t["sec_per_image"] / r["sec_per_image"])
+
+
+def test_random_cases_name_their_family():
+    assert RANDOM_CASES["var-d16-random"] == ("var", "var-d16")
+    with pytest.raises(ValueError, match="allowed: llamagen-b-random, llamagen-l-random, var-d16-random"):
+        random_teacher("var-d99-random")

@@ -78,7 +78,8 @@ class TrajectoryError(RuntimeError):
 def _hash_tensor(h, t: Tensor) -> None:
     t = t.detach().to("cpu").contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # flattened first: a size-1 dim of a channels-last weight may carry any stride
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def teacher_fingerprint(teacher: Teacher) -> str:

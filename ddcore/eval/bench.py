@@ -3,14 +3,16 @@
 Numbers are only comparable within one run on one machine, so one call measures the teacher
 and all students under the same conditions and reports ratios (speedup = teacher batch-1
 latency / sampler batch-1 latency). Each figure is the median of `repeats` timed runs after
-`warmup` untimed ones, with CUDA synchronised around every run.
+`warmup` untimed ones, with CUDA synchronised around every run, all under `torch.inference_mode`
+(no autograd bookkeeping for any sampler).
 
-Cases: the samplers a preset builds (e.g. the tiny world), and LlamaGen-B / -L architectures with
-random weights (`llamagen-b-random`, `llamagen-l-random`): latency does not depend on weight
-values. On CPU a full 256-token LlamaGen image takes minutes, so `max_tokens` can time only the
-first tokens and extrapolate linearly to the full sequence; such figures carry
+Cases: the samplers a preset builds (e.g. the tiny world), and the published architectures with
+random weights (`llamagen-b-random`, `llamagen-l-random`, `var-d16-random`): latency does not
+depend on weight values. On CPU a full 256-token LlamaGen image takes minutes, so `max_tokens` can
+time only the first tokens and extrapolate linearly to the full sequence; such figures carry
 `"extrapolated_from_tokens"` (attention over a longer prefix makes later tokens slower, so an
-extrapolated time is a lower bound).
+extrapolated time is a lower bound). VAR is never extrapolated: its 10 steps differ in size
+(1 to 256 tokens), so a per-token rate from the first scales would say nothing about the last.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ import torch
 from ddcore.eval.report import render_results_table, write_json  # noqa: F401  (re-exported)
 from ddcore.params import BenchParams, SamplingParams
 
-RANDOM_CASES = {"llamagen-b-random": "GPT-B", "llamagen-l-random": "GPT-L"}
-# LlamaGen's ImageNet FID settings, which DD1 distils (cfg 2.0, top-k 8000)
+# case -> (family, architecture)
+RANDOM_CASES = {
+    "llamagen-b-random": ("llamagen", "GPT-B"),
+    "llamagen-l-random": ("llamagen", "GPT-L"),
+    "var-d16-random": ("var", "var-d16"),
+}
+# the teacher settings DD1 distils: LlamaGen cfg 2.0, top-k 8000; VAR cfg 2.0, top-k 900, top-p 0.95
 LLAMAGEN_SAMPLING = SamplingParams(cfg_scale=2.0, top_k=8000)
+VAR_SAMPLING = SamplingParams(cfg_scale=2.0, top_k=900, top_p=0.95)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ def _decode_cost(teacher, batch: int, repeats: int, warmup: int) -> tuple[float,
     """VQ decode time of one batch (the cost does not depend on which tokens are decoded)."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, teacher.vocab_size, (batch, teacher.seq_len), generator=g)
-    with torch.no_grad(), peak_memory(teacher.device) as mem:
+    with torch.inference_mode(), peak_memory(teacher.device) as mem:
         dec = time_call(lambda: teacher.decode(tokens), repeats, warmup)
     return dec, mem
 
@@ -194,7 +202,7 @@ def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int 
     if n < teacher.seq_len:  # stop must fall on a step boundary
         stop = next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= n)
     times: list[float] = []
-    with torch.no_grad(), peak_memory(teacher.device) as mem:
+    with torch.inference_mode(), peak_memory(teacher.device) as mem:
         gen = time_call(
             lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop), repeats, warmup, times
         )
@@ -220,7 +228,7 @@ def _measure_sampler(s, teacher, batch: int, repeats: int, warmup: int, decode) 
     labels, seeds = _inputs(num_classes, batch)
     device = teacher.device if teacher is not None else "cpu"
     times: list[float] = []
-    with torch.no_grad(), peak_memory(device) as mem:
+    with torch.inference_mode(), peak_memory(device) as mem:
         total = time_call(lambda: s.images(labels, seeds), repeats, warmup, times)
     out = {"batch": batch, "seconds": total, "times": times, **mem}
     if decode is not None:
@@ -312,45 +320,65 @@ def bench_case(
 # --------------------------------------------------------------------------------------------
 # random-weight LlamaGen architectures
 # --------------------------------------------------------------------------------------------
-def llamagen_random_samplers(
-    case: str,
-    device: str | torch.device = "cpu",
-    sampling: SamplingParams = LLAMAGEN_SAMPLING,
-    student_builder: Callable[[object], Sequence] | None = None,
-) -> list:
-    """The teacher (and, given `student_builder(teacher)`, students) of a LlamaGen size, random weights."""
-    from ddcore.models.llamagen import GPT, gpt_config
-    from ddcore.models.vq import VQ_CONFIGS, VQModel
-    from ddcore.samplers import TeacherSampler
-    from ddcore.teachers.llamagen import LlamaGenTeacher
-
+def random_teacher(case: str, device: str | torch.device = "cpu"):
+    """A published architecture (and its tokenizer) with random weights, as a `Teacher`."""
     if case not in RANDOM_CASES:
         raise ValueError(f"unknown random case {case!r}; allowed: {', '.join(RANDOM_CASES)}")
+    family, arch = RANDOM_CASES[case]
     torch.manual_seed(0)
-    gpt = GPT(gpt_config(RANDOM_CASES[case])).eval()
-    vq = VQModel(VQ_CONFIGS["VQ-16"]).eval()
-    teacher = LlamaGenTeacher(gpt, vq, num_classes=1000, image_size=256).to(device)
+    if family == "var":
+        from ddcore.models.var import VAR, var_config
+        from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
+        from ddcore.teachers.var import VARTeacher
+
+        return VARTeacher(VAR(var_config(arch)).eval(), VQVAE(VQVAEConfig()).eval()).to(device)
+    from ddcore.models.llamagen import GPT, gpt_config
+    from ddcore.models.vq import VQ_CONFIGS, VQModel
+    from ddcore.teachers.llamagen import LlamaGenTeacher
+
+    gpt = GPT(gpt_config(arch)).eval()
+    return LlamaGenTeacher(gpt, VQModel(VQ_CONFIGS["VQ-16"]).eval(), num_classes=1000, image_size=256).to(device)
+
+
+def random_case_samplers(
+    case: str,
+    device: str | torch.device = "cpu",
+    sampling: SamplingParams | None = None,
+    student_builder: Callable[[object], Sequence] | None = None,
+) -> list:
+    """The teacher (and, given `student_builder(teacher)`, students) of a random-weight case."""
+    from ddcore.samplers import TeacherSampler
+
+    teacher = random_teacher(case, device)
+    if sampling is None:
+        sampling = VAR_SAMPLING if teacher.family == "var" else LLAMAGEN_SAMPLING
     samplers = [TeacherSampler(teacher, sampling)]
     if student_builder is not None:
         samplers += list(student_builder(teacher))
     return samplers
 
 
-# DD1's official split_t for LlamaGen by model width (README commands: B 80, L 130); 2-step t2 = 80
+# DD1's released settings: LlamaGen split_t by model width (B 80, L 130), t2 = 80 tokens;
+# VAR (t2, split_t) in scales by depth (d16: 5, 5; d20 / d24: 4, 4)
 DD1_LLAMAGEN_SPLIT = {768: 80, 1024: 130}
 DD1_LLAMAGEN_T2 = 80
+DD1_VAR_T2_SPLIT = {16: (5, 5), 20: (4, 4), 24: (4, 4)}
 
 
 def dd1_random_students(teacher) -> list:
-    """DD1 1-step and 2-step samplers with a student initialised from the (random) teacher GPT."""
+    """DD1 1-step and 2-step samplers with a student initialised from the (random) teacher."""
     from ddcore.dd1.samplers import DD1Sampler
-    from ddcore.dd1.student import DD1Student
+    from ddcore.dd1.students import new_student
 
-    split = DD1_LLAMAGEN_SPLIT.get(teacher.gpt.cfg.dim, teacher.seq_len)
-    student = DD1Student.from_teacher(teacher.gpt, teacher.codebook)
+    student = new_student(teacher)
+    steps = student.num_steps
+    if teacher.family == "var":
+        t2, split = DD1_VAR_T2_SPLIT.get(teacher.var.cfg.depth, (steps // 2, steps))
+    else:
+        t2, split = min(DD1_LLAMAGEN_T2, steps - 1), DD1_LLAMAGEN_SPLIT.get(teacher.gpt.cfg.dim, steps)
     return [
         DD1Sampler(student, teacher, "1step", split_t=split),
-        DD1Sampler(student, teacher, "2step", t2=min(DD1_LLAMAGEN_T2, teacher.seq_len - 1), split_t=split),
+        DD1Sampler(student, teacher, "2step", t2=t2, split_t=split),
     ]
 
 
@@ -376,10 +404,10 @@ def bench_samplers(
     """Benchmark `samplers` (and any random-architecture cases) and write `out_dir`/bench.json.
 
     `params` is the preset's BenchParams, or just a case name for `samplers`. In `params.cases`,
-    names from RANDOM_CASES build random-weight LlamaGen teachers, with the students that
+    names from RANDOM_CASES build random-weight teachers, with the students that
     `student_builder(teacher)` returns (default: DD1 1-/2-step); the first other name labels
-    `samplers` (default "world"). On CPU the random cases default to batch sizes (1, 2) and
-    timing 16 tokens (extrapolated, labelled); on CUDA to the full (1, throughput_batch) run.
+    `samplers` (default "world"). On CPU the random cases default to batch sizes (1, 2) and, for
+    LlamaGen, timing 16 tokens (extrapolated, labelled); on CUDA to the full (1, throughput_batch) run.
     `compile` (default: on when CUDA is available) adds the `compiled()` variants of samplers.
     `extra` values (numbers, dicts, or callables returning them, e.g. trajectory-generation or
     training throughput) are stored under bench["extra"].
@@ -405,7 +433,9 @@ def bench_samplers(
         device = "cuda" if on_cuda else "cpu"
         rbs = tuple(random_case_batch_sizes or ((1, params.throughput_batch) if on_cuda else (1, 2)))
         rtok = random_case_max_tokens if random_case_max_tokens is not None else (None if on_cuda else 16)
-        rs = llamagen_random_samplers(name, device, student_builder=student_builder)
+        if RANDOM_CASES[name][0] == "var":
+            rtok = None  # scales differ in size: never extrapolated
+        rs = random_case_samplers(name, device, student_builder=student_builder)
         cases[name] = bench_case(
             rs, name, rbs, reps if on_cuda else min(reps, 2), warm, rtok, progress, compile
         )

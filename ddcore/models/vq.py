@@ -342,7 +342,9 @@ class VQModel(nn.Module):
         """Continuous token vectors (B, h*w, d), raster order -> images (B, 3, H, W), ~[-1, 1]."""
         b, n, d = vectors.shape
         h, w = self._grid(n, grid)
-        z = vectors.to(self.post_quant_conv.weight.dtype).reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
+        # (b, h, w, d) permuted is already channels-last in memory: no copy
+        z = vectors.to(self.post_quant_conv.weight.dtype).reshape(b, h, w, d).permute(0, 3, 1, 2)
+        z = z.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(z))
 
     def decode_code(self, indices: Tensor, grid: int | None = None) -> Tensor:

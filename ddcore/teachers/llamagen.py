@@ -77,7 +77,8 @@ class LlamaGenTeacher(Teacher):
         dtype: torch.dtype | None = None,
     ):
         self.gpt = gpt.eval()
-        self.vq = vq.eval()
+        # channels-last convolutions: the same numbers, a faster decode on CPU (and cuDNN) for every sampler
+        self.vq = vq.eval().to(memory_format=torch.channels_last)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
         if dtype is not None:
