@@ -337,7 +337,9 @@ def random_teacher(case: str, device: str | torch.device = "cpu"):
     from ddcore.teachers.llamagen import LlamaGenTeacher
 
     gpt = GPT(gpt_config(arch)).eval()
-    return LlamaGenTeacher(gpt, VQModel(VQ_CONFIGS["VQ-16"]).eval(), num_classes=1000, image_size=256).to(device)
+    return LlamaGenTeacher(gpt, VQModel(VQ_CONFIGS["VQ-16"]).eval(), num_classes=1000, image_size=256).to(
+        device
+    )
 
 
 def random_case_samplers(
