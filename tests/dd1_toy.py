@@ -147,6 +147,23 @@ def small_llamagen_teacher(seed: int = 0):
     return LlamaGenTeacher(small_gpt(seed=seed, std=0.3), small_vq(seed=seed), num_classes=10, image_size=8)
 
 
+def small_train_params(**kw):
+    """DD1 training at test scale (a few steps, frequent validation)."""
+    from ddcore.params import TrainParams
+
+    base = dict(
+        steps=10,
+        batch_size=8,
+        lr=2e-3,
+        warmup_steps=2,
+        val_pairs=16,
+        val_every=2,
+        ckpt_every=100,
+        ema_decay=0.9,
+    )
+    return TrainParams(**{**base, **kw})
+
+
 def make_small_trajectories(out_dir, num_pairs: int = 96, seed: int = 0):
     from ddcore.dd1.trajectories import generate_trajectories
     from ddcore.params import FlowParams, SamplingParams, TrajectoryParams

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dd1_toy import make_small_trajectories, small_llamagen_teacher
+from dd1_toy import make_small_trajectories, small_llamagen_teacher, small_train_params
 from safetensors.torch import load_file
 
 from ddcore.dd1.student import DD1Student
@@ -22,23 +22,12 @@ from ddcore.dd1.train import (
     train_student,
 )
 from ddcore.dd1.trajectories import TrajectoryDataset
-from ddcore.params import StudentParams, TrainParams
+from ddcore.params import StudentParams
 
 SP = StudentParams(t_list=[0, 6], split_t=10)
 
 
-def _tp(**kw) -> TrainParams:
-    base = dict(
-        steps=10,
-        batch_size=8,
-        lr=2e-3,
-        warmup_steps=2,
-        val_pairs=16,
-        val_every=2,
-        ckpt_every=100,
-        ema_decay=0.9,
-    )
-    return TrainParams(**{**base, **kw})
+_tp = small_train_params
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dd1_toy import small_train_params
 from var_helpers import NUM_CLASSES, PATCH_NUMS, small_var, small_vqvae
 
 from ddcore.dd1.flowmap import FlowChooser, FlowSolver
@@ -42,16 +43,7 @@ def world(tmp_path_factory) -> dict:
         root / "traj",
         progress=False,
     )
-    tp = TrainParams(
-        steps=40,
-        batch_size=16,
-        lr=3e-3,
-        warmup_steps=2,
-        val_pairs=16,
-        val_every=10,
-        ckpt_every=100,
-        ema_decay=0.9,
-    )
+    tp = small_train_params(steps=40, batch_size=16, lr=3e-3, val_every=10)
     summary = train_student(teacher, root / "traj", SP, tp, root / "student", progress=False)
     return {"root": root, "teacher": teacher, "manifest": man, "summary": summary}
 
