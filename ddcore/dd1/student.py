@@ -72,7 +72,7 @@ class StudentReadout:
 
     A family supplies `forward(x, labels, t, with_cont)`, `data_len(t)` (how many leading
     positions of X_t are data: t tokens for LlamaGen, the first t scales for VAR), `seq_len`,
-    `num_steps` (the largest t + 1) and a `codebook` attribute.
+    `num_steps` (the teacher's AR steps: t ranges over 0..num_steps) and a `codebook` attribute.
     """
 
     codebook: Tensor

@@ -122,7 +122,8 @@ def dd1_loss(
     ce_weight: float,
     mse_weight: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """CE + MSE over positions >= t; position sums / (B x L) (see the module docstring)."""
+    """CE + MSE over positions >= t, t (B,) counting data *positions* (`student.data_len`);
+    position sums / (B x L) (see the module docstring)."""
     bsz, seq_len, V = logits.shape
     w = (torch.arange(seq_len, device=logits.device)[None, :] >= t.to(logits.device)[:, None]).float()
     ce = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), reduction="none").view(
@@ -249,8 +250,8 @@ def _val_accuracy(
     for i in range(0, idx.numel(), bs):
         sl = idx[i : i + bs]
         tt = torch.full((sl.numel(),), t)
-        n = int(model.data_len(t))
-        x, tok, lab = ds.batch(sl, model.data_len(tt), model.codebook.cpu())
+        n = int(model.data_len(t))  # data positions of X_t
+        x, tok, lab = ds.batch(sl, torch.full_like(tt, n), model.codebook.cpu())
         logits, _ = model(x.to(device), lab.to(device), tt.to(device), with_cont=False)
         pred = logits[:, n:].argmax(-1).cpu()
         correct += int((pred == tok[:, n:]).sum())
@@ -426,7 +427,7 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
                 logits, cont = ddp_model(x, lab, t)
                 loss, parts = dd1_loss(logits, cont, tok, t_pos, codebook, tp.ce_weight, tp.mse_weight)
                 if lpips_loss is not None:
-                    keep = torch.arange(L, device=dev)[None, :, None] < t_pos[:, None, None]
+                    keep = model.data_mask(t, x.shape[0], dev)[..., None]
                     pred = torch.where(keep, x, cont.float())
                     lp = lpips_loss(pred, codebook[tok])
                     loss = loss + tp.lpips_weight * lp
