@@ -358,11 +358,7 @@ def _prepare_tiny(preset_name: str, preset: Preset, out: Path, progress: bool) -
     }  # the quality check samples like the teacher
     kw = {k: v for k, v in kw.items() if k in accepted}
     report = prepare_world(preset.teacher.world, out, progress=progress, **kw)
-    problems = (
-        check_quality(report, preset.teacher.world)
-        if "world" in inspect.signature(check_quality).parameters
-        else check_quality(report)
-    )
+    problems = check_quality(report, preset.teacher.world)
     if problems:
         raise StageError(f"tiny world for {preset_name!r} failed its quality checks: " + "; ".join(problems))
     return {

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from dd1_toy import MarkovTeacher, chi2_pvalue
 
 from ddcore import dirac
+from ddcore.dd1 import flowmap
 from ddcore.dd1.flowmap import FlowChooser, FlowSolver
 from ddcore.params import FlowParams, SamplingParams
 from ddcore.sampling import MultinomialChooser
@@ -80,6 +81,24 @@ def test_flow_is_deterministic_and_batch_size_stable(dtype):
     assert torch.equal(full[perm], solver.tokens(noise[perm], probs[perm], cb))
     # extra leading dims (B, n, d) as the teacher's generate loop passes them
     assert torch.equal(full.view(4, 30), solver.tokens(noise.view(4, 30, D), probs.view(4, 30, V), cb))
+
+
+def test_cpu_chunked_solve_gives_the_same_tokens(monkeypatch):
+    """Large CPU solves run in cache-sized row chunks; the chunking must not change any token."""
+    cb = _codebook()
+    n = 300
+    probs = torch.softmax(2.0 * torch.randn(n, V, generator=torch.Generator().manual_seed(5)), -1)
+    noise = _noise(n)
+    solver = FlowSolver(steps=32)
+    whole = solver.tokens(noise, probs, cb)  # n * V is below the default chunk: one solve
+    assert n * V <= flowmap.CPU_CHUNK_ELEMENTS
+    calls = []
+    integrate = FlowSolver.integrate
+    monkeypatch.setattr(flowmap, "CPU_CHUNK_ELEMENTS", 7 * V)  # 7-row chunks, the last one short
+    monkeypatch.setattr(FlowSolver, "integrate", lambda self, *a: calls.append(1) or integrate(self, *a))
+    chunked = solver.tokens(noise.view(3, 100, D), probs.view(3, 100, V), cb)
+    assert len(calls) == -(-n // 7) and chunked.shape == (3, 100)
+    assert torch.equal(chunked.flatten(), whole)
 
 
 def test_zero_probability_entries_never_win():

@@ -107,6 +107,15 @@ def test_check_quality_passes_and_names_each_failure():
     assert "no measurement" in check_quality(report)[0]
 
 
+def test_check_quality_takes_the_bars_of_the_given_world():
+    """The prepare stage gates with the preset's world, not with the bars a report recorded."""
+    report = _report(cfg_sample_accuracy=0.93)
+    stricter = TinyWorldParams(min_sample_accuracy=0.95)
+    problems = check_quality(report, stricter)
+    assert len(problems) == 1 and "0.95" in problems[0]
+    assert check_quality(report, TinyWorldParams(min_sample_accuracy=0.9)) == []
+
+
 # --------------------------------------------------------------------------------------------
 # the micro world end to end
 # --------------------------------------------------------------------------------------------

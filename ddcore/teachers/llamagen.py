@@ -159,12 +159,6 @@ class LlamaGenTeacher(Teacher):
             )
         return True
 
-    def _labels(self, labels: Tensor) -> Tensor:
-        labels = labels.to(self.device).long().reshape(-1)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must be in [0, {self.num_classes}); got {labels.tolist()[:8]}...")
-        return labels
-
     def _probs(self, logits: Tensor, guided: bool, use_cfg: bool, params: SamplingParams) -> Tensor:
         """logits (2B or B, ..., V) fp32 -> probs (B, ..., V)."""
         if guided:

@@ -151,12 +151,6 @@ class VARTeacher(Teacher):
         self.vqvae.to(device)
         return self
 
-    def _labels(self, labels: Tensor) -> Tensor:
-        labels = labels.to(self.device).long().reshape(-1)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must be in [0, {self.num_classes}); got {labels.tolist()[:8]}")
-        return labels
-
     def _amp(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ddcore.tiny.data import ATTRIBUTE_NAMES, to_unit
+from ddcore.tiny.data import ATTRIBUTE_NAMES, CLASS_NAMES, to_unit
+
+# seeds of the teacher samples the judge scores in a world's quality check (both families)
+SAMPLE_SEED_BASE = 1_000_000
 
 
 @dataclass
@@ -182,6 +185,16 @@ def accuracy(
 ) -> float:
     pred = predict(model, images01, batch_size)
     return (pred == torch.as_tensor(labels, dtype=torch.long)).float().mean().item()
+
+
+def accuracy_per_class(
+    model: TinyEvaluator, images01: Tensor, labels: Tensor, batch_size: int = 500
+) -> tuple[float, dict[str, float]]:
+    """Accuracy on generated images, overall and per class name (the classes present in labels)."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    hit = (predict(model, images01, batch_size) == labels).float()
+    per = {CLASS_NAMES[int(k)]: float(hit[labels == k].mean()) for k in labels.unique()}
+    return float(hit.mean()), per
 
 
 # --- persistence -----------------------------------------------------------------------------------

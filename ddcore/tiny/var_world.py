@@ -33,14 +33,14 @@ from ddcore.models.var import VAR, VARConfig
 from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
 from ddcore.params import SamplingParams, TinyWorldParams
 from ddcore.teachers.var import VARTeacher, build_var_teacher_from_dir, save_var_teacher
-from ddcore.tiny.data import CLASS_NAMES, make_dataset_with_attributes, to_model_range
+from ddcore.tiny.data import make_dataset_with_attributes, to_model_range
 from ddcore.tiny.evaluator import (
     EvaluatorConfig,
     TinyEvaluator,
     accuracy,
+    accuracy_per_class,
     cosine_with_warmup,
     load_evaluator,
-    predict,
     save_evaluator,
     train_evaluator,
 )
@@ -340,7 +340,7 @@ def prepare_tiny_var_world(
     evaluator = evaluator.to(device)
 
     samples, sample_labels = sample_images(teacher, check_samples, check_sampling, seed=world.seed)
-    sample_acc, per_class = _accuracy_per_class(evaluator.cpu(), samples, sample_labels, world.num_classes)
+    sample_acc, per_class = accuracy_per_class(evaluator.cpu(), samples, sample_labels)
     used = int((torch.bincount(tok_tr.flatten(), minlength=vq_cfg.vocab_size) > 0).sum())
     report = {
         "family": "var",
@@ -397,15 +397,6 @@ def check_var_quality(
             f"teacher samples are recognised {report['teacher']['sample_accuracy']:.3f} < {min_acc}"
         )
     return problems
-
-
-def _accuracy_per_class(
-    evaluator: TinyEvaluator, images: Tensor, labels: Tensor, num_classes: int
-) -> tuple[float, dict[str, float]]:
-    """The judge's accuracy on samples, overall and per class name."""
-    hit = (predict(evaluator, images) == labels.long()).float()
-    per = {CLASS_NAMES[k]: float(hit[labels == k].mean()) for k in range(num_classes) if (labels == k).any()}
-    return float(hit.mean()), per
 
 
 def load_tiny_var_world(

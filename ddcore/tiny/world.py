@@ -50,11 +50,12 @@ from ddcore.tiny.data import (
     to_unit,
 )
 from ddcore.tiny.evaluator import (
+    SAMPLE_SEED_BASE,
     EvaluatorConfig,
     TinyEvaluator,
     accuracy,
+    accuracy_per_class,
     load_evaluator,
-    predict,
     save_evaluator,
     train_evaluator,
 )
@@ -67,7 +68,6 @@ log = logging.getLogger("ddcore.tiny")
 # the part (and everything downstream) is rebuilt.
 CODE_VERSIONS = {"data": 1, "evaluator": 1, "vq": 1, "tokens": 1, "gpt": 1, "quality": 1}
 HOLDOUT_SEED_OFFSET = 7919  # held-out real images (accuracies); eval's FID reference uses another
-SAMPLE_SEED_BASE = 1_000_000  # teacher samples for the quality check
 DEFAULT_SAMPLING = SamplingParams(cfg_scale=3.0)
 
 __all__ = [
@@ -420,12 +420,9 @@ def measure_quality(
         if name == "unguided" and sampling.cfg_scale == 1.0:
             continue
         images = teacher.decode(teacher.sample(labels, seeds, params))
-        pred = predict(evaluator, images)
-        hit = (pred == labels).float()
-        result[f"{name}_sample_accuracy"] = float(hit.mean())
-        result[f"{name}_sample_accuracy_per_class"] = {
-            CLASS_NAMES[c]: float(hit[labels == c].mean()) for c in range(world.num_classes)
-        }
+        acc, per_class = accuracy_per_class(evaluator, images, labels)
+        result[f"{name}_sample_accuracy"] = acc
+        result[f"{name}_sample_accuracy_per_class"] = per_class
         if out is not None and name == "cfg":
             _save_grid(out / "samples.png", images, labels, world.num_classes, per_row=min(k, 10))
     if out is not None:
@@ -460,8 +457,9 @@ def _save_grid(
 # --------------------------------------------------------------------------------------------
 # the quality bar
 # --------------------------------------------------------------------------------------------
-def check_quality(report: dict) -> list[str]:
-    """Problems with a prepared world (empty = fine), against the thresholds in report['world'].
+def check_quality(report: dict, world: TinyWorldParams | None = None) -> list[str]:
+    """Problems with a prepared world (empty = fine), against the thresholds of `world` (default:
+    those recorded in report['world']).
 
     The bar: teacher CFG samples are classified as their requested class at least
     `min_sample_accuracy` of the time, and reconstructions through the tokenizer keep at least
@@ -469,7 +467,7 @@ def check_quality(report: dict) -> list[str]:
     `min_evaluator_accuracy`.
     """
     problems: list[str] = []
-    world = report.get("world", {})
+    bars_of = report.get("world", {}) if world is None else world.model_dump()
     q = report.get("quality", {})
     bars = [
         ("evaluator_accuracy_real", "min_evaluator_accuracy", "evaluator accuracy on held-out real images"),
@@ -481,7 +479,7 @@ def check_quality(report: dict) -> list[str]:
         ("cfg_sample_accuracy", "min_sample_accuracy", "evaluator accuracy on the teacher's CFG samples"),
     ]
     for key, bar_key, what in bars:
-        value, bar = q.get(key), world.get(bar_key)
+        value, bar = q.get(key), bars_of.get(bar_key)
         if bar is None:
             problems.append(f"world.{bar_key} is missing from the report")
         elif not isinstance(value, int | float) or not math.isfinite(value):
