@@ -22,7 +22,7 @@ from ddcore.stages import (
     load_teacher,
     prepare_teacher,
 )
-from ddcore.tiny.var_world import check_var_quality
+from ddcore.tiny.var_world import check_var_quality, scale_prefix_accuracy
 
 PRESET = "micro-var"
 
@@ -48,6 +48,20 @@ def test_prepare_trains_a_var_world(run):
     assert report["patch_nums"] == [1, 2, 3, 4, 6, 8]
     assert report["teacher"]["sampling"]["cfg_scale"] == 4.0  # the preset's sampling, not a fixed one
     assert set(report["teacher"]["sample_accuracy_per_class"]) and report["teacher"]["num_samples"] == 500
+    assert 0.0 <= report["vq"]["recon_accuracy"] <= 1.0 and report["vq"]["recon_accuracy_ratio"] > 0
+
+
+def test_scale_prefix_probe_ends_at_reconstructions(run):
+    """k = every scale given is the plain reconstruction: its accuracy is the judge's on the
+    reconstructions, independent of sampling; k = 0 is ordinary teacher sampling."""
+    preset, layout = run["preset"], run["layout"]
+    teacher, evaluator = load_teacher(preset, layout.teacher_dir)
+    res = scale_prefix_accuracy(teacher, evaluator, preset.teacher.world, preset.teacher.sampling, n=40)
+    assert sorted(res) == list(range(len(teacher.step_sizes) + 1))
+    other = preset.teacher.sampling.model_copy(update={"cfg_scale": 1.0, "top_p": 0.5})
+    again = scale_prefix_accuracy(teacher, evaluator, preset.teacher.world, other, n=40)
+    last = len(teacher.step_sizes)
+    assert res[last] == again[last]  # nothing sampled: the same images whatever the sampling
 
 
 def test_student_is_a_var_student_over_scales(run):
@@ -88,5 +102,8 @@ def test_var_quality_gates_follow_the_world():
         "teacher": {"sample_accuracy": 0.2},
     }
     problems = check_var_quality(report, tiny)
-    assert len(problems) == 4 and any("< 0.25" in p for p in problems)
+    assert len(problems) == 4 and any("< 0.8" in p for p in problems)
+    assert any("reconstructions" in p for p in problems)  # no judge-on-reconstruction measurement
+    report["vq"]["recon_accuracy_ratio"] = 0.97
+    assert len(check_var_quality(report, tiny)) == 3
     assert check_var_quality(report, micro) == []  # test scale: gates off

@@ -35,6 +35,7 @@ from ddcore.params import SamplingParams, TinyWorldParams
 from ddcore.teachers.var import VARTeacher, build_var_teacher_from_dir, save_var_teacher
 from ddcore.tiny.data import make_dataset_with_attributes, to_model_range
 from ddcore.tiny.evaluator import (
+    SAMPLE_SEED_BASE,
     EvaluatorConfig,
     TinyEvaluator,
     accuracy,
@@ -163,12 +164,14 @@ def encode_images(vq: VQVAE, images: Tensor, batch_size: int = 256) -> Tensor:
 
 
 @torch.no_grad()
-def reconstruction_mse(vq: VQVAE, images: Tensor, batch_size: int = 256) -> float:
-    dev, total = vq.codebook.device, 0.0
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i : i + batch_size].to(dev)
-        total += F.mse_loss(vq.idx_pyramid_to_img(vq.img_to_idx_pyramid(x)), x, reduction="sum").item()
-    return total / images.numel()
+def reconstruct(vq: VQVAE, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Images in [-1, 1] through the token pyramid and back (on the CPU, in [-1, 1])."""
+    dev = vq.codebook.device
+    out = [
+        vq.idx_pyramid_to_img(vq.img_to_idx_pyramid(images[i : i + batch_size].to(dev))).cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,13 +296,16 @@ def prepare_tiny_var_world(
     progress: bool = True,
     device: str | torch.device = "cpu",
     val_images: int = 1000,
-    check_samples: int = 500,
+    check_samples: int | None = None,
     sampling: SamplingParams | None = None,
 ) -> dict:
     """Train the VQVAE, the VAR and the judge; write them and a quality report into `out`.
 
-    The quality check samples with `sampling` (the preset's teacher settings; default
-    CHECK_SAMPLING) and records the preset's `min_sample_accuracy` as its gate."""
+    The quality check follows the LlamaGen world's: `check_samples` teacher samples (default
+    `quality_samples_per_class` per class) from the quality seeds, drawn with `sampling` (the
+    preset's teacher settings; default CHECK_SAMPLING), and the judge's accuracy on held-out
+    reconstructions relative to real images; the report records the preset's gates."""
+    check_samples = check_samples or world.quality_samples_per_class * world.num_classes
     check_sampling = sampling or CHECK_SAMPLING
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -339,15 +345,20 @@ def prepare_tiny_var_world(
     save_evaluator(out / "evaluator", evaluator)
     evaluator = evaluator.to(device)
 
-    samples, sample_labels = sample_images(teacher, check_samples, check_sampling, seed=world.seed)
+    samples, sample_labels = sample_images(teacher, check_samples, check_sampling, seed=SAMPLE_SEED_BASE)
     sample_acc, per_class = accuracy_per_class(evaluator.cpu(), samples, sample_labels)
+    recon = reconstruct(vq, x_val)
+    acc_real = accuracy(evaluator.cpu(), (x_val + 1) / 2, y_val)
+    acc_recon = accuracy(evaluator.cpu(), ((recon + 1) / 2).clamp(0, 1), y_val)
     used = int((torch.bincount(tok_tr.flatten(), minlength=vq_cfg.vocab_size) > 0).sum())
     report = {
         "family": "var",
         "patch_nums": list(vq_cfg.patch_nums),
         "vq": {
             **vq_last,
-            "val_rec_mse": reconstruction_mse(vq, x_val),
+            "val_rec_mse": F.mse_loss(recon, x_val.cpu()).item(),
+            "recon_accuracy": acc_recon,
+            "recon_accuracy_ratio": acc_recon / max(acc_real, 1e-12),
             "codes_used": used,
             "vocab_size": vq_cfg.vocab_size,
         },
@@ -356,7 +367,7 @@ def prepare_tiny_var_world(
             "val_nll": token_nll(teacher, tok_val, y_val),
             "uniform_nll": math.log(vq_cfg.vocab_size),
         },
-        "evaluator": {"val_accuracy": accuracy(evaluator.cpu(), (x_val + 1) / 2, y_val)},
+        "evaluator": {"val_accuracy": acc_real},
         "teacher": {
             "sample_accuracy": sample_acc,
             "sample_accuracy_per_class": per_class,
@@ -372,21 +383,23 @@ def prepare_tiny_var_world(
 def check_var_quality(
     report: dict,
     world: TinyWorldParams | None = None,
-    max_rec_mse: float = 0.05,
     max_nll_fraction: float = 0.8,
 ) -> list[str]:
     """Problems that make the world useless as a teacher (empty list = fine).
 
-    Gates: the world's `min_evaluator_accuracy` and `min_sample_accuracy` (without `world`: 0.9 and
-    the sample gate the report records); the tokenizer and NLL sanity checks apply unless the world
-    switches its reconstruction gate off (`min_recon_ratio: 0`, the test-scale worlds)."""
+    Gates, as for the LlamaGen world: the world's `min_evaluator_accuracy`, `min_recon_ratio` (the
+    judge's accuracy on held-out reconstructions over real images) and `min_sample_accuracy`
+    (without `world`: 0.9, 0.95 and the sample gate the report records). The NLL sanity check
+    applies unless the world switches its reconstruction gate off (`min_recon_ratio: 0`, the
+    test-scale worlds)."""
     min_eval = 0.9 if world is None else world.min_evaluator_accuracy
+    min_ratio = 0.95 if world is None else world.min_recon_ratio
     min_acc = report["teacher"].get("min_accuracy", 0.5) if world is None else world.min_sample_accuracy
-    sanity = world is None or world.min_recon_ratio > 0
     problems = []
-    if sanity and report["vq"]["val_rec_mse"] > max_rec_mse:
-        problems.append(f"VQVAE reconstruction MSE {report['vq']['val_rec_mse']:.4f} > {max_rec_mse}")
-    if sanity and report["var"]["val_nll"] >= max_nll_fraction * report["var"]["uniform_nll"]:
+    ratio = report["vq"].get("recon_accuracy_ratio")
+    if min_ratio > 0 and (ratio is None or ratio < min_ratio):
+        problems.append(f"judge accuracy on VQVAE reconstructions / on real images is {ratio} < {min_ratio}")
+    if min_ratio > 0 and report["var"]["val_nll"] >= max_nll_fraction * report["var"]["uniform_nll"]:
         problems.append(
             f"VAR held-out NLL {report['var']['val_nll']:.3f} is near uniform ({report['var']['uniform_nll']:.3f})"
         )
@@ -417,17 +430,71 @@ def world_summary(report: dict) -> str:
     )
 
 
+@torch.no_grad()
+def scale_prefix_accuracy(
+    teacher: VARTeacher,
+    evaluator: TinyEvaluator,
+    world: TinyWorldParams,
+    sampling: SamplingParams,
+    n: int = 3000,
+    data_seed: int = 424242,
+) -> dict[int, tuple[float, dict[str, float]]]:
+    """Judge accuracy when the first k scales come from real images and the teacher samples the rest.
+
+    For k = 0..S (k = S: plain reconstructions). Shows at which scale a class is decided: if the
+    accuracy stays low even with every scale but the last given, the class is lost in the last
+    scale's independent per-token sampling. Images from a data seed no training set uses."""
+    images, labels, _ = make_dataset_with_attributes(n, world.image_size, world.num_classes, data_seed)
+    labels = torch.as_tensor(labels)
+    tokens = encode_images(teacher.vqvae, to_model_range(images))
+    noise = teacher.noise(list(range(SAMPLE_SEED_BASE, SAMPLE_SEED_BASE + n)))
+    bounds = [*teacher.step_starts, teacher.seq_len]
+    out = {}
+    for k in range(len(bounds)):
+        prefix = tokens[:, : bounds[k]] if bounds[k] else None
+        sampled = teacher.generate(labels, sampling, noise, prefix=prefix)
+        out[k] = accuracy_per_class(evaluator.cpu(), teacher.decode(sampled).cpu(), labels)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ddcore.tiny.var_world probe --world DIR --preset tiny-var`: scale_prefix_accuracy."""
+    import argparse
+
+    from ddcore.params import load_preset
+
+    ap = argparse.ArgumentParser(prog="python -m ddcore.tiny.var_world")
+    ap.add_argument("command", choices=["probe"])
+    ap.add_argument("--world", required=True, help="a prepared VAR tiny-world directory")
+    ap.add_argument("--preset", default="tiny-var", help="preset whose world and sampling to use")
+    ap.add_argument("--n", type=int, default=3000)
+    args = ap.parse_args(argv)
+    preset = load_preset(args.preset)
+    teacher, evaluator = load_tiny_var_world(args.world)
+    starts = [*teacher.step_starts, teacher.seq_len]
+    res = scale_prefix_accuracy(teacher, evaluator, preset.teacher.world, preset.teacher.sampling, args.n)
+    for k, (acc, per) in res.items():
+        worst = ", ".join(f"{c} {a:.2f}" for c, a in sorted(per.items(), key=lambda kv: kv[1])[:3])
+        print(f"real scales 1..{k} ({starts[k]} tokens) + sampled rest: accuracy {acc:.3f}; lowest: {worst}")
+
+
 __all__ = [
     "check_var_quality",
     "encode_images",
     "init_var_weights",
     "load_tiny_var_world",
+    "main",
     "prepare_tiny_var_world",
-    "reconstruction_mse",
+    "reconstruct",
     "sample_images",
+    "scale_prefix_accuracy",
     "tiny_var_configs",
     "token_nll",
     "train_var",
     "train_var_vqvae",
     "world_summary",
 ]
+
+
+if __name__ == "__main__":
+    main()
