@@ -318,7 +318,7 @@ def bench_case(
 
 
 # --------------------------------------------------------------------------------------------
-# random-weight LlamaGen architectures
+# random-weight published architectures (LlamaGen, VAR)
 # --------------------------------------------------------------------------------------------
 def random_teacher(case: str, device: str | torch.device = "cpu"):
     """A published architecture (and its tokenizer) with random weights, as a `Teacher`."""

@@ -343,13 +343,13 @@ def prepare_tiny_var_world(
         seed=world.seed, progress=progress,
     )  # fmt: skip
     save_evaluator(out / "evaluator", evaluator)
-    evaluator = evaluator.to(device)
+    evaluator = evaluator.cpu()  # the judge scores CPU images (samples and reconstructions come back there)
 
     samples, sample_labels = sample_images(teacher, check_samples, check_sampling, seed=SAMPLE_SEED_BASE)
-    sample_acc, per_class = accuracy_per_class(evaluator.cpu(), samples, sample_labels)
+    sample_acc, per_class = accuracy_per_class(evaluator, samples, sample_labels)
     recon = reconstruct(vq, x_val)
-    acc_real = accuracy(evaluator.cpu(), (x_val + 1) / 2, y_val)
-    acc_recon = accuracy(evaluator.cpu(), ((recon + 1) / 2).clamp(0, 1), y_val)
+    acc_real = accuracy(evaluator, (x_val + 1) / 2, y_val)
+    acc_recon = accuracy(evaluator, ((recon + 1) / 2).clamp(0, 1), y_val)
     used = int((torch.bincount(tok_tr.flatten(), minlength=vq_cfg.vocab_size) > 0).sum())
     report = {
         "family": "var",
@@ -397,8 +397,12 @@ def check_var_quality(
     min_acc = report["teacher"].get("min_accuracy", 0.5) if world is None else world.min_sample_accuracy
     problems = []
     ratio = report["vq"].get("recon_accuracy_ratio")
-    if min_ratio > 0 and (ratio is None or ratio < min_ratio):
-        problems.append(f"judge accuracy on VQVAE reconstructions / on real images is {ratio} < {min_ratio}")
+    if min_ratio > 0 and ratio is None:
+        problems.append("judge accuracy on VQVAE reconstructions: no measurement (vq.recon_accuracy_ratio)")
+    elif min_ratio > 0 and ratio < min_ratio:
+        problems.append(
+            f"judge accuracy on VQVAE reconstructions / on real images is {ratio:.4f} < {min_ratio}"
+        )
     if min_ratio > 0 and report["var"]["val_nll"] >= max_nll_fraction * report["var"]["uniform_nll"]:
         problems.append(
             f"VAR held-out NLL {report['var']['val_nll']:.3f} is near uniform ({report['var']['uniform_nll']:.3f})"
