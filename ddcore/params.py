@@ -160,6 +160,10 @@ class BenchParams(Strict):
     repeats: int = Field(default=5, ge=1)
     warmup: int = Field(default=1, ge=0)
     cases: list[str] = ["world"]
+    compile: bool | None = Field(
+        default=None,
+        description="also time torch.compile'd variants (teacher and students alike); None: on CUDA only",
+    )
 
 
 class PromoteParams(Strict):

@@ -47,24 +47,34 @@ class TeacherSampler:
 
     @property
     def compiled(self) -> Callable[[], TeacherSampler]:
-        """`sampler.compiled()`: the same sampler (same class, params, chooser) named
-        f"{name}+compile" over `teacher.compile()`, which shares the teacher's weights.
+        """`sampler.compiled()`: the same sampler (same class, params, chooser) over
+        `teacher.compile()`; see `compiled_variant`."""
+        return compiled_variant(self)
 
-        Only teachers with a `compile()` have a compiled variant; for the others reading this
-        attribute raises AttributeError saying so, which is also what lets
-        `getattr(sampler, "compiled", None)` callers (the benchmark) skip them.
-        """
-        compile_teacher = getattr(self.teacher, "compile", None)
-        if not callable(compile_teacher):
-            raise AttributeError(
-                f"sampler {self.name!r} has no compiled variant: its teacher "
-                f"({type(self.teacher).__name__}) has no compile() method"
-            )
 
-        def make() -> TeacherSampler:
-            twin = copy.copy(self)
-            twin.teacher = compile_teacher()
-            twin.name = f"{self.name}+compile"
-            return twin
+def compiled_variant(sampler, compile_more: Callable[[object], None] | None = None) -> Callable[[], object]:
+    """The factory of a sampler's compiled variant: a shallow copy named f"{name}+compile" over
+    `teacher.compile()` (which shares the teacher's weights), then `compile_more(twin)` swaps in
+    the sampler's own compiled parts (a student's forward pass).
 
-        return make
+    Only samplers whose teacher has a `compile()` have a compiled variant, so that a compiled
+    student is always timed against a teacher compiled the same way. For the others this raises
+    AttributeError saying so, which is also what lets `getattr(sampler, "compiled", None)`
+    callers (the benchmark) skip them.
+    """
+    compile_teacher = getattr(sampler.teacher, "compile", None)
+    if not callable(compile_teacher):
+        raise AttributeError(
+            f"sampler {sampler.name!r} has no compiled variant: its teacher "
+            f"({type(sampler.teacher).__name__}) has no compile() method"
+        )
+
+    def make():
+        twin = copy.copy(sampler)
+        twin.teacher = compile_teacher()
+        twin.name = f"{sampler.name}+compile"
+        if compile_more is not None:
+            compile_more(twin)
+        return twin
+
+    return make

@@ -4,6 +4,7 @@ latency, throughput, speedup, decode share and token extrapolation have exact ex
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -136,6 +137,53 @@ def test_compiled_variants_are_added_only_when_enabled(clock):
     on = bench_case(samplers, "c", (1, 1), 1, 0, progress=False, compile=True)
     assert set(off["samplers"]) == {"teacher", "dd"}
     assert on["samplers"]["dd+compile"]["sec_per_image"] == pytest.approx(0.1 + DECODE)
+
+
+class CompilableFakeTeacher(FakeTeacher):
+    """Its compiled twin generates and decodes at half the cost."""
+
+    is_compiled, factor = False, 1.0
+
+    def generate(self, labels, params, noise, chooser=None, prefix=None, stop=None):
+        self.clock.now += GEN_PER_TOKEN * (L if stop is None else stop) * self.factor
+        return torch.zeros(labels.shape[0], L, dtype=torch.long)
+
+    def decode(self, tokens):
+        self.clock.now += DECODE * self.factor
+        return torch.zeros(tokens.shape[0], 3, 4, 4)
+
+    def compile(self):
+        twin = copy.copy(self)
+        twin.is_compiled, twin.factor = True, 0.5
+        return twin
+
+
+def test_compiled_students_race_the_compiled_teacher(clock):
+    teacher = CompilableFakeTeacher(clock)
+
+    class Compilable(FakeStudent):
+        def compiled(self):
+            return FakeStudent(self.name + "+compile", self.teacher.compile(), self.cost / 2)
+
+    samplers = [TeacherSampler(teacher, SamplingParams()), Compilable("dd", teacher, 0.2)]
+    rows = bench_case(samplers, "c", (1, 1), 1, 0, progress=False, compile=True)["samplers"]
+    eager_t, fast_t = GEN_PER_TOKEN * L + DECODE, (GEN_PER_TOKEN * L + DECODE) / 2
+    fast_s = 0.1 + DECODE / 2
+    assert rows["teacher+compile"]["sec_per_image"] == pytest.approx(fast_t)
+    assert rows["dd+compile"]["sec_per_image"] == pytest.approx(fast_s)
+    assert rows["dd+compile"]["speedup"] == pytest.approx(fast_t / fast_s)
+    assert rows["dd+compile"]["speedup_reference"] == "teacher+compile"
+    assert rows["dd+compile"]["speedup_vs_eager_teacher"] == pytest.approx(eager_t / fast_s)
+    assert rows["dd+compile"]["decode_share"] == pytest.approx(DECODE / 2 / fast_s)  # the compiled decode
+    assert rows["dd"]["speedup"] == pytest.approx(eager_t / (0.2 + DECODE))
+    assert rows["dd"]["speedup_reference"] == "teacher" and "speedup_vs_eager_teacher" not in rows["dd"]
+    assert rows["teacher+compile"]["speedup"] == pytest.approx(1.0)
+    assert rows["teacher+compile"]["speedup_vs_eager_teacher"] == pytest.approx(2.0)
+    ev = {"samplers": {"teacher": {"steps": L}, "dd": {"steps": 1}}, "sampler_order": ["teacher", "dd"]}
+    table = render_results_table(ev, {"cases": {"c": {"samplers": rows}}})
+    assert "speedup, both compiled |" in table.splitlines()[0]
+    dd_row = next(ln for ln in table.splitlines() if ln.startswith("| dd |"))
+    assert dd_row.endswith(f"| {eager_t / (0.2 + DECODE):.1f}× | {fast_t / fast_s:.1f}× |")
 
 
 def test_bench_samplers_writes_json_with_machine_and_extra(clock, tmp_path):

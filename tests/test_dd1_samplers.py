@@ -138,3 +138,40 @@ def test_build_samplers_from_a_trained_student(tmp_path):
             assert torch.equal(tok, s.tokens(LABELS[:2], SEEDS[:2])) and torch.equal(img2, img)
     with pytest.raises(ValueError, match="unknown sampler"):
         build_samplers(["dd1-3step"], teacher, tmp_path / "student", preset)
+
+
+def test_compiled_variant_shares_weights_and_leaves_the_sampler_alone(setup):
+    teacher, student = setup
+    s = DD1Sampler(student, teacher, "2step", t2=6, split_t=10)
+    fast = s.compiled()
+    assert fast.name == "dd1-2step+compile" and fast.steps == 2 and fast.t2 == 6
+    assert fast.teacher.is_compiled and fast.teacher.gpt is teacher.gpt and not teacher.is_compiled
+    assert fast.student is not student and fast.student.output.weight is student.output.weight
+    assert s.name == "dd1-2step" and s.student is student and "forward" not in vars(student)
+
+
+def test_compiled_variant_needs_a_compilable_teacher(setup):
+    """A compiled student is only ever timed against a teacher compiled the same way."""
+    teacher, student = setup
+    s = DD1Sampler(student, teacher, "1step")
+    s.teacher = object()  # a teacher family without compile()
+    assert getattr(s, "compiled", None) is None
+    with pytest.raises(AttributeError, match="no compile"):
+        s.compiled()
+
+
+@pytest.mark.slow
+def test_compiled_samplers_match_eager(setup):
+    """Real inductor compiles on CPU: the compiled student pass and VQ decode give the eager
+    tokens and images (1-step, and 2-step whose second pass starts from a different X_t)."""
+    torch._dynamo.reset()
+    teacher, student = setup
+    for s in (DD1Sampler(student, teacher, "1step", split_t=10), DD1Sampler(student, teacher, "2step", t2=6)):
+        fast = s.compiled()
+        tok, img = s.tokens_and_images(LABELS, SEEDS)
+        ftok, fimg = fast.tokens_and_images(LABELS, SEEDS)
+        assert torch.equal(ftok, tok)
+        torch.testing.assert_close(fimg, img, atol=1e-5, rtol=1e-5)
+    ts = TeacherSampler(teacher, SAMPLING)
+    torch.testing.assert_close(ts.compiled().teacher.decode(tok), teacher.decode(tok), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

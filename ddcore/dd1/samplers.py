@@ -38,7 +38,7 @@ from ddcore.dd1.student import StudentReadout
 from ddcore.dd1.students import load_student
 from ddcore.dd1.trajectories import build_xt
 from ddcore.params import FlowParams, SamplingParams
-from ddcore.samplers import TeacherSampler
+from ddcore.samplers import TeacherSampler, compiled_variant
 from ddcore.teachers.base import Teacher
 
 __all__ = [
@@ -100,6 +100,14 @@ class _StudentSteps:
         """Both from one sampling run (evaluation asks for both)."""
         vec, tok = self._run(labels, seeds)
         return self._tokens_of(vec, tok), self.teacher.decode_vectors(vec)
+
+    @property
+    def compiled(self):
+        """`sampler.compiled()`: this sampler over the compiled teacher (its decode steps and VQ
+        decoder) with the student's forward pass compiled; see `compiled_variant`."""
+        return compiled_variant(
+            self, lambda twin: setattr(twin, "student", self.student.with_compiled_forward())
+        )
 
 
 class DD1Sampler(_StudentSteps):

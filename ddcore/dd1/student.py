@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ddcore.checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
+from ddcore.models.compiled import compiled, default_mode
 from ddcore.models.llamagen import (
     GPT,
     GPTConfig,
@@ -105,6 +106,20 @@ class StudentReadout:
         if cont is not None:
             cont = torch.where(keep[..., None], x.float(), cont)
         return cont, logits
+
+    def with_compiled_forward(self, mode: str | None = None) -> StudentReadout:
+        """A twin sharing this student's weights whose forward pass runs torch.compile'd
+        (`ddcore.models.compiled`; mode None: CUDA graphs on CUDA, inductor's default elsewhere).
+        The read-outs around it stay eager; the first pass at each batch size compiles."""
+        twin = copy.copy(self)  # shallow: same parameters, buffers and codebook
+        forward = type(self).forward
+
+        def compiled_forward(x: Tensor, labels: Tensor, t: Tensor | int, with_cont: bool = True):
+            fn = compiled(forward, mode or default_mode(x.device))
+            return fn(self, x, labels, t, with_cont)
+
+        twin.forward = compiled_forward
+        return twin
 
     def predict_vectors(
         self, x: Tensor, labels: Tensor, t: Tensor | int, split_t: int, idx: Tensor | None = None

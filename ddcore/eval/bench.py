@@ -4,7 +4,8 @@ Numbers are only comparable within one run on one machine, so one call measures 
 and all students under the same conditions and reports ratios (speedup = teacher batch-1
 latency / sampler batch-1 latency). Each figure is the median of `repeats` timed runs after
 `warmup` untimed ones, with CUDA synchronised around every run, all under `torch.inference_mode`
-(no autograd bookkeeping for any sampler).
+(no autograd bookkeeping for any sampler). Peak memory comes from one more call after the timed
+ones, so its watcher never runs during a timed run.
 
 Cases: the samplers a preset builds (e.g. the tiny world), and the published architectures with
 random weights (`llamagen-b-random`, `llamagen-l-random`, `var-d16-random`): latency does not
@@ -149,6 +150,9 @@ def _inputs(num_classes: int, batch: int) -> tuple[torch.Tensor, list[int]]:
 # --------------------------------------------------------------------------------------------
 # one case
 # --------------------------------------------------------------------------------------------
+COMPILED_SUFFIX = "+compile"
+
+
 def with_compiled(samplers: Sequence, enabled: bool) -> list:
     """Add each sampler's torch.compile'd variant, for samplers that offer one via `compiled()`.
 
@@ -179,13 +183,25 @@ def _teacher_of(samplers: Sequence) -> tuple[object | None, object | None]:
     return None, None
 
 
+def timed_then_traced(
+    fn: Callable[[], Any], device, repeats: int, warmup: int, times: list | None = None
+) -> tuple[float, dict]:
+    """(median time, peak memory) of `fn`: timed first with nothing else running, then one more
+    call under `peak_memory`. On CPU the memory watcher is a thread waking every 2 ms; inside
+    the timed runs it would take a core from the 2 intra-op threads and the GIL from the caller,
+    and slow millisecond-scale samplers most."""
+    with torch.inference_mode():
+        sec = time_call(fn, repeats, warmup, times)
+        with peak_memory(device) as mem:
+            fn()
+    return sec, mem
+
+
 def _decode_cost(teacher, batch: int, repeats: int, warmup: int) -> tuple[float, dict]:
     """VQ decode time of one batch (the cost does not depend on which tokens are decoded)."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, teacher.vocab_size, (batch, teacher.seq_len), generator=g)
-    with torch.inference_mode(), peak_memory(teacher.device) as mem:
-        dec = time_call(lambda: teacher.decode(tokens), repeats, warmup)
-    return dec, mem
+    return timed_then_traced(lambda: teacher.decode(tokens), teacher.device, repeats, warmup)
 
 
 def _max_mem(*mems: dict) -> dict:
@@ -202,10 +218,13 @@ def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int 
     if n < teacher.seq_len:  # stop must fall on a step boundary
         stop = next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= n)
     times: list[float] = []
-    with torch.inference_mode(), peak_memory(teacher.device) as mem:
-        gen = time_call(
-            lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop), repeats, warmup, times
-        )
+    gen, mem = timed_then_traced(
+        lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop),
+        teacher.device,
+        repeats,
+        warmup,
+        times,
+    )
     dec, dec_mem = decode
     gen_full = gen * teacher.seq_len / stop
     out = {
@@ -223,13 +242,12 @@ def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int 
 
 
 def _measure_sampler(s, teacher, batch: int, repeats: int, warmup: int, decode) -> dict:
-    """Whole images() calls; peak memory over the same (warm-up and timed) calls."""
+    """Whole images() calls; peak memory over one more call, after the timed ones."""
     num_classes = teacher.num_classes if teacher is not None else 1
     labels, seeds = _inputs(num_classes, batch)
     device = teacher.device if teacher is not None else "cpu"
     times: list[float] = []
-    with torch.inference_mode(), peak_memory(device) as mem:
-        total = time_call(lambda: s.images(labels, seeds), repeats, warmup, times)
+    total, mem = timed_then_traced(lambda: s.images(labels, seeds), device, repeats, warmup, times)
     out = {"batch": batch, "seconds": total, "times": times, **mem}
     if decode is not None:
         # every sampler ends in the teacher's VQ decoder (students decode continuous vectors
@@ -253,17 +271,28 @@ def bench_case(
 
     Per sampler: sec_per_image at the latency batch, images_per_s at the throughput batch,
     speedup (teacher latency / sampler latency) and throughput_speedup, decode_share, peak memory.
+    A "+compile" variant's speedup is taken against "teacher+compile" (`speedup_reference` names
+    the teacher row used; `speedup_vs_eager_teacher` is kept too), so compiling one side only
+    never shows up as a distillation speedup.
     Teacher facts: ms/token at batch 1 and tokens/s at the throughput batch.
     """
     lat_b, thr_b = int(batch_sizes[0]), int(batch_sizes[-1])
     teacher_sampler, teacher = _teacher_of(samplers)
     samplers = with_compiled(samplers, compile)
-    decode = {}
-    if teacher is not None:
-        for b in dict.fromkeys((lat_b, thr_b)):
+    decode: dict[tuple[bool, int], tuple[float, dict]] = {}
+
+    def decode_of(s, b: int) -> tuple[float, dict] | None:
+        """The VQ decode cost of `s`'s teacher (eager, or compiled for "+compile" variants)."""
+        t = getattr(s, "teacher", None) or teacher
+        if t is None:
+            return None
+        key = (bool(getattr(t, "is_compiled", False)), b)
+        if key not in decode:
             if progress:
-                print(f"[bench {case_name}] VQ decode batch {b}", flush=True)
-            decode[b] = _decode_cost(teacher, b, repeats, warmup)
+                print(f"[bench {case_name}] VQ decode batch {b}{' (compiled)' if key[0] else ''}", flush=True)
+            decode[key] = _decode_cost(t, b, repeats, warmup)
+        return decode[key]
+
     rows: dict[str, dict] = {}
     for s in samplers:
         per_batch = {}
@@ -271,9 +300,9 @@ def bench_case(
             if progress:
                 print(f"[bench {case_name}] {s.name} batch {b}", flush=True)
             if s is teacher_sampler:
-                per_batch[b] = _measure_teacher(s, b, repeats, warmup, max_tokens, decode[b])
+                per_batch[b] = _measure_teacher(s, b, repeats, warmup, max_tokens, decode_of(s, b))
             else:
-                per_batch[b] = _measure_sampler(s, teacher, b, repeats, warmup, decode.get(b))
+                per_batch[b] = _measure_sampler(s, teacher, b, repeats, warmup, decode_of(s, b))
         lat, thr = per_batch[lat_b], per_batch[thr_b]
         rows[s.name] = {
             "steps": int(s.steps),
@@ -295,9 +324,17 @@ def bench_case(
     }
     if teacher_sampler is not None:
         t = rows[teacher_sampler.name]
-        for r in rows.values():
-            r["speedup"] = t["sec_per_image"] / r["sec_per_image"]
-            r["throughput_speedup"] = r["images_per_s"] / t["images_per_s"]
+        t_compiled = rows.get(f"{teacher_sampler.name}{COMPILED_SUFFIX}")
+        for name, r in rows.items():
+            # a compiled sampler races the compiled teacher: same compiler, same machine
+            ref_name = teacher_sampler.name
+            if name.endswith(COMPILED_SUFFIX) and t_compiled is not None:
+                ref_name = f"{teacher_sampler.name}{COMPILED_SUFFIX}"
+                r["speedup_vs_eager_teacher"] = t["sec_per_image"] / r["sec_per_image"]
+            ref = rows[ref_name]
+            r["speedup"] = ref["sec_per_image"] / r["sec_per_image"]
+            r["throughput_speedup"] = r["images_per_s"] / ref["images_per_s"]
+            r["speedup_reference"] = ref_name
         tl, tt = t["runs"][str(lat_b)], t["runs"][str(thr_b)]
         case["teacher"] = {
             "name": teacher_sampler.name,
@@ -410,13 +447,15 @@ def bench_samplers(
     `student_builder(teacher)` returns (default: DD1 1-/2-step); the first other name labels
     `samplers` (default "world"). On CPU the random cases default to batch sizes (1, 2) and, for
     LlamaGen, timing 16 tokens (extrapolated, labelled); on CUDA to the full (1, throughput_batch) run.
-    `compile` (default: on when CUDA is available) adds the `compiled()` variants of samplers.
+    `compile` (default: `params.compile`, else on when CUDA is available) adds the `compiled()`
+    variants of samplers (teacher and students alike: each "+compile" student races "teacher+compile").
     `extra` values (numbers, dicts, or callables returning them, e.g. trajectory-generation or
     training throughput) are stored under bench["extra"].
     """
     if isinstance(params, str):
         params = BenchParams(cases=[params])
     on_cuda = torch.cuda.is_available()
+    compile = params.compile if compile is None else compile
     compile = on_cuda if compile is None else compile
     bs = tuple(batch_sizes or (1, params.throughput_batch))
     reps = params.repeats if repeats is None else repeats

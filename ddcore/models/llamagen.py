@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddcore.models.compiled import compiled, default_mode
+
 __all__ = [
     "GPT",
     "GPTConfig",
@@ -524,34 +526,14 @@ class GPT(nn.Module):
         return self._head(h[:, -1])
 
     def compiled_decode(self, mode: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
-        """`decode_step_static` under torch.compile(fullgraph=True, dynamic=False).
-
-        mode None picks "reduce-overhead" (CUDA graphs) on CUDA and inductor's "default"
-        elsewhere. One compiled function per mode serves every GPT (the weights are graph
-        inputs, not constants), so graphs are made once per shape (batch size, model size,
-        dtype, device), never per position or per model instance. Under CUDA graphs the logits
-        live in a buffer the next replay overwrites, so they are cloned before returning.
-        Prefill stays eager (one call per image).
+        """`decode_step_static` under torch.compile(fullgraph=True, dynamic=False)
+        (`ddcore.models.compiled`): mode None picks "reduce-overhead" (CUDA graphs) on CUDA and
+        inductor's "default" elsewhere. One compiled function per mode serves every GPT, so
+        graphs are made once per shape, never per position or per model instance. Prefill stays
+        eager (one call per image).
         """
-        if mode is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        cudagraphs = bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False))
-        fn = _COMPILED_DECODE.get(mode)
-        if fn is None:
-            fn = torch.compile(GPT.decode_step_static, mode=mode, fullgraph=True, dynamic=False)
-            _COMPILED_DECODE[mode] = fn
-
-        def run(tokens: Tensor, pos: Tensor) -> Tensor:
-            if not cudagraphs:
-                return fn(self, tokens, pos)
-            torch.compiler.cudagraph_mark_step_begin()
-            return fn(self, tokens, pos).clone()
-
-        return run
+        fn = compiled(GPT.decode_step_static, mode or default_mode(self.device))
+        return lambda tokens, pos: fn(self, tokens, pos)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# mode -> torch.compile'd GPT.decode_step_static (called with the model as its first argument)
-_COMPILED_DECODE: dict[str, Callable[[GPT, Tensor, Tensor], Tensor]] = {}

@@ -16,7 +16,7 @@ Speed: each step feeds one token per row (the prefix is never recomputed: it liv
 cache, which is reused across generations of the same batch size), and cond and null rows go
 through one forward. `compile()` gives a twin whose decode steps run the torch.compile'd,
 static-shape step (`GPT.compiled_decode`, CUDA graphs on CUDA) with the position held in a
-device tensor, so the per-token loop has no host sync of its own.
+device tensor, so the per-token loop has no host sync of its own; its VQ decode is compiled too.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ddcore.checkpoints import (
     load_strict,
     unwrap_state_dict,
 )
+from ddcore.models.compiled import compiled, default_mode
 from ddcore.models.llamagen import GPT, GPTConfig, gpt_config
 from ddcore.models.vq import VQ_CONFIGS, VQConfig, VQModel
 from ddcore.params import SamplingParams
@@ -134,10 +135,11 @@ class LlamaGenTeacher(Teacher):
         """A twin of this teacher whose decode steps run the torch.compile'd step; self is unchanged.
 
         The twin shares the GPT and VQ modules (weights and KV caches; use one at a time) and
-        only replaces `advance`'s forward by `GPT.compiled_decode(mode)`: mode None means
-        "reduce-overhead" (CUDA graphs) on CUDA and "default" elsewhere, resolved on the device
-        the model is on when sampling. Prefill, teacher forcing and decoding stay eager. The
-        first generation at each batch size compiles (slow); later ones reuse the graph.
+        replaces `advance`'s forward by `GPT.compiled_decode(mode)` and the VQ decoder by its
+        compiled form (`ddcore.models.compiled`): mode None means "reduce-overhead" (CUDA
+        graphs) on CUDA and "default" elsewhere, resolved on the device the model is on when
+        sampling. Prefill and teacher forcing stay eager. The first generation (and decode) at
+        each batch size compiles (slow); later ones reuse the graph.
         """
         if mode is not None:
             try:  # unknown modes fail here, not mid-sampling
@@ -239,12 +241,16 @@ class LlamaGenTeacher(Teacher):
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
         tokens = tokens.to(self.vq.device).long()
-        return self._to_unit(self.vq.decode_code(tokens, self.gpt.cfg.grid_size))
+        return self.decode_vectors(self.vq.codebook_vectors()[tokens])
 
     @torch.no_grad()
     def decode_vectors(self, vectors: Tensor) -> Tensor:
+        """The compiled twin runs the VQ decoder compiled too (students decode through it)."""
         vectors = vectors.to(self.vq.device).float()
-        return self._to_unit(self.vq.decode_vectors(vectors, self.gpt.cfg.grid_size))
+        if not self._compiled:
+            return self._to_unit(self.vq.decode_vectors(vectors, self.gpt.cfg.grid_size))
+        fn = compiled(VQModel.decode_vectors, self._compile_mode or default_mode(self.vq.device))
+        return self._to_unit(fn(self.vq, vectors, self.gpt.cfg.grid_size))
 
 
 # --------------------------------------------------------------------------------------------
