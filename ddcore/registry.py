@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -387,13 +388,22 @@ def _log_train_curve(client: MlflowClient, run_id: str, csv_path: Path) -> int:
     return len(metrics)
 
 
+def metric_name(name: str) -> str:
+    """MLflow accepts only alphanumerics, _ - . space : / in metric names; others (the "+" of
+    "dd1-1step+compile") become "_"."""
+    return _METRIC_UNSAFE.sub("_", name)
+
+
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
 def _log_table_metrics(client: MlflowClient, run_id: str, prefix: str, rows: dict[str, dict]) -> None:
     now = int(time.time() * 1000)
     metrics = []
     for name, row in rows.items():
         for k, v in row.items():
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-                metrics.append(Metric(f"{prefix}/{name}/{k}", float(v), now, 0))
+                metrics.append(Metric(metric_name(f"{prefix}/{name}/{k}"), float(v), now, 0))
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000], synchronous=True)
 

@@ -262,3 +262,31 @@ def test_random_cases_name_their_family():
     assert RANDOM_CASES["var-d16-random"] == ("var", "var-d16")
     with pytest.raises(ValueError, match="allowed: llamagen-b-random, llamagen-l-random, var-d16-random"):
         random_teacher("var-d99-random")
+
+
+def test_samplers_are_timed_in_turns(clock):
+    """One call per sampler per round, after every warm-up: a slow spell of the machine lands on
+    all samplers of a round, not on whichever sampler happened to be timed during it."""
+    teacher = FakeTeacher(clock)
+    calls: list[str] = []
+
+    class Logged(FakeStudent):
+        def images(self, labels, seeds):
+            calls.append(self.name)
+            # rounds 3 and 4 (timed calls 5..8, after the 2 warm-ups) run on a machine 10x slower
+            slow = 10.0 if 5 <= len(calls) - 2 <= 8 else 1.0
+            self.teacher.clock.now += self.cost * slow
+            return torch.zeros(len(seeds), 3, 4, 4)
+
+    samplers = [
+        TeacherSampler(teacher, SamplingParams()),
+        Logged("a", teacher, 0.01),
+        Logged("b", teacher, 0.02),
+    ]
+    rows = bench_case(samplers, "turns", (1, 1), repeats=5, warmup=1, progress=False)["samplers"]
+    assert calls == ["a", "b"] + ["a", "b"] * 5 + ["a", "b"]  # warm-up, 5 rounds, memory trace
+    assert rows["a"]["runs"]["1"]["times"] == pytest.approx([0.01, 0.01, 0.1, 0.1, 0.01])
+    assert rows["b"]["runs"]["1"]["times"] == pytest.approx([0.02, 0.02, 0.2, 0.2, 0.02])
+    assert rows["a"]["sec_per_image"] == pytest.approx(0.01) and rows["b"]["sec_per_image"] == pytest.approx(
+        0.02
+    )

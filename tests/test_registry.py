@@ -253,3 +253,20 @@ def test_local_store_with_s3_artifacts_by_settings(project, tmp_path, monkeypatc
             get_settings.cache_clear()
             for k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 os.environ.pop(k, None)  # exported by registry.configure from the settings
+
+
+def test_compiled_sampler_rows_log_under_valid_metric_names(tmp_path):
+    """bench rows such as "dd1-1step+compile" carry a character MLflow rejects in metric names."""
+    assert (
+        registry.metric_name("bench/world/dd1-1step+compile/speedup")
+        == "bench/world/dd1-1step_compile/speedup"
+    )
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=tracking)
+    run_id = c.create_run(c.create_experiment("names")).info.run_id
+    rows = {"teacher+compile": {"speedup": 1.0}, "dd1-1step+compile": {"speedup": 9.5, "name": "x"}}
+    registry._log_table_metrics(c, run_id, "bench/world", rows)
+    assert c.get_run(run_id).data.metrics == {
+        "bench/world/teacher_compile/speedup": 1.0,
+        "bench/world/dd1-1step_compile/speedup": 9.5,
+    }

@@ -4,8 +4,9 @@ Numbers are only comparable within one run on one machine, so one call measures 
 and all students under the same conditions and reports ratios (speedup = teacher batch-1
 latency / sampler batch-1 latency). Each figure is the median of `repeats` timed runs after
 `warmup` untimed ones, with CUDA synchronised around every run, all under `torch.inference_mode`
-(no autograd bookkeeping for any sampler). Peak memory comes from one more call after the timed
-ones, so its watcher never runs during a timed run.
+(no autograd bookkeeping for any sampler). The samplers of a case are timed in turns (one call
+each per round), so a slow spell of a shared machine hits all of them alike. Peak memory comes
+from one more call after the timed ones, so its watcher never runs during a timed run.
 
 Cases: the samplers a preset builds (e.g. the tiny world), and the published architectures with
 random weights (`llamagen-b-random`, `llamagen-l-random`, `var-d16-random`): latency does not
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,25 +185,51 @@ def _teacher_of(samplers: Sequence) -> tuple[object | None, object | None]:
     return None, None
 
 
-def timed_then_traced(
-    fn: Callable[[], Any], device, repeats: int, warmup: int, times: list | None = None
-) -> tuple[float, dict]:
-    """(median time, peak memory) of `fn`: timed first with nothing else running, then one more
-    call under `peak_memory`. On CPU the memory watcher is a thread waking every 2 ms; inside
-    the timed runs it would take a core from the 2 intra-op threads and the GIL from the caller,
-    and slow millisecond-scale samplers most."""
+@dataclass
+class Timed:
+    """One thing to time (a sampler's images(), the teacher's generation, a VQ decode)."""
+
+    fn: Callable[[], Any]
+    device: Any
+    times: list[float] = field(default_factory=list)
+    mem: dict = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def time_in_turns(jobs: Mapping[str, Timed], repeats: int, warmup: int, progress: str | None = None) -> None:
+    """Warm every job up, then time them in turns: each round calls every job once, and each
+    job's figure is the median of its rounds. A slow spell of a shared machine then falls on
+    every sampler of the round alike instead of on whichever one was being timed, so the
+    ratios stay comparable. Peak memory is traced afterwards on one more call per job: on CPU
+    the memory watcher is a thread waking every 2 ms, and inside the timed runs it would take
+    a core from the 2 intra-op threads and the GIL from the caller."""
     with torch.inference_mode():
-        sec = time_call(fn, repeats, warmup, times)
-        with peak_memory(device) as mem:
-            fn()
-    return sec, mem
+        for name, job in jobs.items():
+            if progress:
+                print(f"[bench {progress}] warm-up: {name}", flush=True)
+            for _ in range(warmup):
+                job.fn()
+        for _ in range(max(1, repeats)):
+            for job in jobs.values():
+                _sync()
+                t0 = time.perf_counter()
+                job.fn()
+                _sync()
+                job.times.append(time.perf_counter() - t0)
+        for job in jobs.values():
+            with peak_memory(job.device) as mem:
+                job.fn()
+            job.mem = mem
 
 
-def _decode_cost(teacher, batch: int, repeats: int, warmup: int) -> tuple[float, dict]:
-    """VQ decode time of one batch (the cost does not depend on which tokens are decoded)."""
+def _decode_job(teacher, batch: int) -> Timed:
+    """VQ decode of one batch (the cost does not depend on which tokens are decoded)."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, teacher.vocab_size, (batch, teacher.seq_len), generator=g)
-    return timed_then_traced(lambda: teacher.decode(tokens), teacher.device, repeats, warmup)
+    return Timed(lambda: teacher.decode(tokens), teacher.device)
 
 
 def _max_mem(*mems: dict) -> dict:
@@ -209,51 +237,52 @@ def _max_mem(*mems: dict) -> dict:
     return {"peak_mem_mb": max(vals) if vals else None, "peak_mem_kind": mems[0].get("peak_mem_kind")}
 
 
-def _measure_teacher(ts, batch: int, repeats: int, warmup: int, max_tokens: int | None, decode) -> dict:
-    """Generation timed on its own; images = decode(generate), so decode is added from `decode`."""
+def _teacher_stop(teacher, max_tokens: int | None) -> int:
+    """Where a truncated teacher generation stops: the first step boundary at or past max_tokens."""
+    n = teacher.seq_len if not max_tokens or max_tokens >= teacher.seq_len else max_tokens
+    if n >= teacher.seq_len:
+        return teacher.seq_len
+    return next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= n)
+
+
+def _teacher_job(ts, batch: int, stop: int) -> Timed:
+    """Generation timed on its own; images = decode(generate), so decode is added from its job."""
     teacher, params = ts.teacher, ts.params
     labels, seeds = _inputs(teacher.num_classes, batch)
-    n = teacher.seq_len if not max_tokens or max_tokens >= teacher.seq_len else max_tokens
-    stop = n
-    if n < teacher.seq_len:  # stop must fall on a step boundary
-        stop = next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= n)
-    times: list[float] = []
-    gen, mem = timed_then_traced(
-        lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop),
-        teacher.device,
-        repeats,
-        warmup,
-        times,
-    )
-    dec, dec_mem = decode
-    gen_full = gen * teacher.seq_len / stop
+    return Timed(lambda: teacher.generate(labels, params, teacher.noise(seeds), stop=stop), teacher.device)
+
+
+def _teacher_result(job: Timed, teacher, batch: int, stop: int, decode: Timed) -> dict:
+    gen_full = job.median * teacher.seq_len / stop
+    dec = decode.median
     out = {
         "batch": batch,
         "seconds": gen_full + dec,
         "generate_seconds": gen_full,
         "decode_seconds": dec,
         "decode_share": dec / (gen_full + dec),
-        "generate_times": times,
-        **_max_mem(mem, dec_mem),
+        "generate_times": job.times,
+        **_max_mem(job.mem, decode.mem),
     }
     if stop < teacher.seq_len:
         out["extrapolated_from_tokens"] = stop
     return out
 
 
-def _measure_sampler(s, teacher, batch: int, repeats: int, warmup: int, decode) -> dict:
-    """Whole images() calls; peak memory over one more call, after the timed ones."""
-    num_classes = teacher.num_classes if teacher is not None else 1
-    labels, seeds = _inputs(num_classes, batch)
-    device = teacher.device if teacher is not None else "cpu"
-    times: list[float] = []
-    total, mem = timed_then_traced(lambda: s.images(labels, seeds), device, repeats, warmup, times)
-    out = {"batch": batch, "seconds": total, "times": times, **mem}
+def _sampler_job(s, teacher, batch: int) -> Timed:
+    """Whole images() calls."""
+    labels, seeds = _inputs(teacher.num_classes if teacher is not None else 1, batch)
+    return Timed(lambda: s.images(labels, seeds), teacher.device if teacher is not None else "cpu")
+
+
+def _sampler_result(job: Timed, batch: int, decode: Timed | None) -> dict:
+    total = job.median
+    out = {"batch": batch, "seconds": total, "times": job.times, **job.mem}
     if decode is not None:
         # every sampler ends in the teacher's VQ decoder (students decode continuous vectors
         # with the same network), so the teacher's decode time is the decode part of `total`
-        out["decode_seconds"] = decode[0]
-        out["decode_share"] = min(1.0, decode[0] / total)
+        out["decode_seconds"] = decode.median
+        out["decode_share"] = min(1.0, decode.median / total)
     return out
 
 
@@ -279,30 +308,35 @@ def bench_case(
     lat_b, thr_b = int(batch_sizes[0]), int(batch_sizes[-1])
     teacher_sampler, teacher = _teacher_of(samplers)
     samplers = with_compiled(samplers, compile)
-    decode: dict[tuple[bool, int], tuple[float, dict]] = {}
+    stop = _teacher_stop(teacher, max_tokens) if teacher_sampler is not None else None
 
-    def decode_of(s, b: int) -> tuple[float, dict] | None:
-        """The VQ decode cost of `s`'s teacher (eager, or compiled for "+compile" variants)."""
+    def decode_key(s) -> str | None:
+        """The VQ decode job of `s`'s teacher (eager, or compiled for "+compile" variants)."""
         t = getattr(s, "teacher", None) or teacher
         if t is None:
             return None
-        key = (bool(getattr(t, "is_compiled", False)), b)
-        if key not in decode:
-            if progress:
-                print(f"[bench {case_name}] VQ decode batch {b}{' (compiled)' if key[0] else ''}", flush=True)
-            decode[key] = _decode_cost(t, b, repeats, warmup)
-        return decode[key]
+        return "VQ decode (compiled)" if getattr(t, "is_compiled", False) else "VQ decode"
+
+    per_sampler: dict[str, dict[int, dict]] = {s.name: {} for s in samplers}
+    for b in dict.fromkeys((lat_b, thr_b)):
+        jobs: dict[str, Timed] = {}
+        for s in samplers:
+            key = decode_key(s)
+            if key is not None and key not in jobs:
+                jobs[key] = _decode_job(getattr(s, "teacher", None) or teacher, b)
+        for s in samplers:
+            jobs[s.name] = _teacher_job(s, b, stop) if s is teacher_sampler else _sampler_job(s, teacher, b)
+        time_in_turns(jobs, repeats, warmup, f"{case_name} batch {b}" if progress else None)
+        for s in samplers:
+            dec = jobs.get(decode_key(s) or "")
+            if s is teacher_sampler:
+                per_sampler[s.name][b] = _teacher_result(jobs[s.name], teacher, b, stop, dec)
+            else:
+                per_sampler[s.name][b] = _sampler_result(jobs[s.name], b, dec)
 
     rows: dict[str, dict] = {}
     for s in samplers:
-        per_batch = {}
-        for b in dict.fromkeys((lat_b, thr_b)):
-            if progress:
-                print(f"[bench {case_name}] {s.name} batch {b}", flush=True)
-            if s is teacher_sampler:
-                per_batch[b] = _measure_teacher(s, b, repeats, warmup, max_tokens, decode_of(s, b))
-            else:
-                per_batch[b] = _measure_sampler(s, teacher, b, repeats, warmup, decode_of(s, b))
+        per_batch = per_sampler[s.name]
         lat, thr = per_batch[lat_b], per_batch[thr_b]
         rows[s.name] = {
             "steps": int(s.steps),
