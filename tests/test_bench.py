@@ -290,3 +290,24 @@ def test_samplers_are_timed_in_turns(clock):
     assert rows["a"]["sec_per_image"] == pytest.approx(0.01) and rows["b"]["sec_per_image"] == pytest.approx(
         0.02
     )
+
+
+def test_results_table_reads_the_preset_own_case_by_default():
+    """bench.json keys are sorted: a random-weight case can come first, but the table's speed
+    columns must come from the case that timed the eval.json samplers."""
+    ev = {"samplers": {"teacher": {"steps": L}, "dd1-1step": {"steps": 1}, "onestep-baseline": {"steps": 1}}}
+    bench = {
+        "cases": {
+            "llamagen-b-random": {"samplers": {"teacher": {"speedup": 1.0}, "dd1-1step": {"speedup": 99.0}}},
+            "world": {
+                "samplers": {
+                    "teacher": {"speedup": 1.0},
+                    "dd1-1step": {"speedup": 11.0},
+                    "onestep-baseline": {"speedup": 20.0},
+                }
+            },
+        }
+    }
+    table = render_results_table(ev, bench)
+    assert "bench case `world`" in table and "| 11.0× |" in table and "99.0×" not in table
+    assert "99.0×" in render_results_table(ev, bench, case="llamagen-b-random")

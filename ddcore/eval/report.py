@@ -117,9 +117,10 @@ def render_results_table(
 ) -> str:
     """Markdown table for the README: quality from eval.json next to speed from bench.json.
 
-    Speed columns come from the bench `case` (default: the first case in bench.json) and are
-    matched to eval rows by sampler name. Rows follow eval.json's `sampler_order` (JSON files
-    are written with sorted keys), else most steps first.
+    Speed columns come from the bench `case` (default: the case sharing the most sampler names
+    with eval.json, i.e. the preset's own) and are matched to eval rows by sampler name. Rows
+    follow eval.json's `sampler_order` (JSON files are written with sorted keys), else most
+    steps first.
     """
     ev = read_json(eval_json)
     speed: dict = {}
@@ -128,7 +129,11 @@ def render_results_table(
         bj = read_json(bench_json)
         cases = bj.get("cases", {})
         if cases:
-            case = case or next(iter(cases))
+            # default: the case that timed these very samplers (bench.json keys are sorted, so
+            # the first case is often a random-weight architecture)
+            case = case or max(
+                cases, key=lambda c: len(set(cases[c].get("samplers", {})) & set(ev.get("samplers", {})))
+            )
             speed = cases.get(case, {}).get("samplers", {})
             dev = bj.get("machine", {}).get("cuda_device") or bj.get("machine", {}).get("cpu_model", "")
             case_info = f"Speed: bench case `{case}` on {dev}."
