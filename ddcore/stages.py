@@ -715,13 +715,31 @@ def bench_stage(
     samplers = build_samplers(preset, teacher, layout.student_dir)
     layout.metrics_dir.mkdir(parents=True, exist_ok=True)
     layout.bench_json.unlink(missing_ok=True)
-    bench(samplers, preset.bench, layout.metrics_dir, progress=progress)
+    bench(
+        samplers,
+        preset.bench,
+        layout.metrics_dir,
+        progress=progress,
+        extra=_stage_throughput(preset, teacher, layout),
+    )
     result = json.loads(layout.bench_json.read_text())
     summary = {
         "case": own_bench_case(preset),
         "samplers": {r["sampler"]: r for r in bench_rows(result, preset)},
     }
     return _finish(layout, "bench", fp, _jsonable(summary), [layout.bench_json])
+
+
+def _stage_throughput(preset: Preset, teacher, layout: Layout) -> dict:
+    """bench.json `extra`: trajectory-generation and training throughput (and peak memory),
+    measured in the bench run through the stages' own code."""
+    tp = _piece("ddcore.dd1.throughput", None, "the bench stage")
+    return {
+        "trajectories": lambda: tp.trajectory_throughput(
+            teacher, preset.teacher.sampling, preset.flow, preset.trajectories
+        ),
+        "training": lambda: tp.training_throughput(teacher, layout.traj_dir, preset.student, preset.train),
+    }
 
 
 def own_bench_case(preset: Preset) -> str:

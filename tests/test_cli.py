@@ -194,3 +194,19 @@ def test_distill_under_torchrun_matches_one_process(project, tmp_path):
     for k in one:
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
     assert (clone / "metrics" / PRESET / "train_log.csv").read_text().startswith("step")
+
+
+def test_bench_json_holds_trajectory_and_training_throughput(project):
+    """bench.json's `extra` carries pairs/s and samples/s measured by the bench run itself."""
+    bench = json.loads((project.root / "metrics" / PRESET / "bench.json").read_text())
+    traj, train = bench["extra"]["trajectories"], bench["extra"]["training"]
+    preset = load_preset(PRESET, project.root / "params.yaml")
+    assert traj["batch"] == preset.trajectories.batch_size and len(traj["times"]) == 2
+    assert traj["pairs_per_s"] == pytest.approx(traj["batch"] / traj["seconds_per_batch"])
+    assert traj["pairs_per_s"] > 0 and traj["peak_mem_kind"] == "cpu_rss_sampled"
+    k1, k2 = train["timed_steps"]
+    assert 0 < k1 < k2 < preset.train.steps
+    if train["steps_per_s"] is not None:  # None only when the longer run measured quicker
+        per_step = (train["run_seconds"][1] - train["run_seconds"][0]) / (k2 - k1)
+        assert train["steps_per_s"] == pytest.approx(1 / per_step)
+        assert train["samples_per_s"] == pytest.approx(preset.train.batch_size / per_step)

@@ -182,3 +182,23 @@ def test_lpips_weight_needs_lpips(traj, tmp_path):
     else:
         with pytest.raises(LPIPSUnavailable, match="^LPIPS unavailable: "):
             train_student(teacher, traj, SP, tp, tmp_path / "s", device="cpu", progress=False)
+
+
+def test_throughput_runs_the_stage_code_and_reports_consistent_figures(traj, tmp_path):
+    from ddcore.dd1.throughput import training_throughput, trajectory_throughput
+    from ddcore.params import FlowParams, SamplingParams, TrajectoryParams
+
+    teacher = small_llamagen_teacher(0)
+    tr = trajectory_throughput(
+        teacher, SamplingParams(), FlowParams(steps=16), TrajectoryParams(batch_size=24)
+    )
+    assert tr["batch"] == 24 and len(tr["times"]) == 2
+    assert tr["pairs_per_s"] == pytest.approx(24 / tr["seconds_per_batch"]) and tr["pairs_per_s"] > 0
+    tp = small_train_params(steps=12, val_every=100)
+    res = training_throughput(teacher, traj, StudentParams(t_list=[0, 4], split_t=16), tp, steps=(2, 8))
+    assert res["timed_steps"] == [2, 8] and res["batch_size"] == tp.batch_size
+    if res["steps_per_s"] is not None:
+        assert res["samples_per_s"] == pytest.approx(tp.batch_size * res["steps_per_s"])
+    assert res["peak_mem_kind"] == "cpu_rss_sampled"
+    # stop_at runs save nothing in the trajectory folder or elsewhere
+    assert not any(p.name.startswith("student") for p in Path(traj).rglob("*"))

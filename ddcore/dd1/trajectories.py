@@ -59,6 +59,7 @@ __all__ = [
     "pair_seeds",
     "shard_labels",
     "shard_ranges",
+    "trajectory_batch",
     "teacher_fingerprint",
     "verify_shards",
 ]
@@ -286,6 +287,15 @@ def _rebuild_manifest(
 # generation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
+def trajectory_batch(
+    teacher: Teacher, sampling: SamplingParams, chooser: FlowChooser, seeds: Sequence[int], labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(fp16 noise, token indices) of one batch of pairs. The noise is rounded to fp16 first, so
+    the stored noise is exactly the noise the flow map sees."""
+    noise = teacher.noise(seeds).to(torch.float16)
+    return noise, teacher.generate(labels, sampling, noise.float(), chooser=chooser)
+
+
 def _generate_shard(
     teacher: Teacher,
     sampling: SamplingParams,
@@ -311,9 +321,7 @@ def _generate_shard(
         batches = tqdm(batches, desc=f"trajectories shard {shard_id}", leave=False)
     for b0 in batches:
         sl = slice(b0, min(b0 + traj.batch_size, count))
-        # round to fp16 first: the stored noise is exactly the noise the flow map sees
-        noise = teacher.noise(seeds[sl]).to(torch.float16)
-        tokens = teacher.generate(labels[sl], sampling, noise.float(), chooser=chooser)
+        noise, tokens = trajectory_batch(teacher, sampling, chooser, seeds[sl], labels[sl])
         noise_all.append(noise.cpu())
         tokens_all.append(tokens.cpu())
     tokens = torch.cat(tokens_all)
