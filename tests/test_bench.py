@@ -216,6 +216,7 @@ def test_peak_memory_sees_a_large_cpu_allocation():
         del x
     assert mem["peak_mem_kind"] == "cpu_rss_sampled"
     assert mem["peak_mem_mb"] > 128
+    assert mem["peak_total_mb"] > mem["peak_mem_mb"]  # the process itself (python, torch) is in the total
 
 
 def test_machine_info_describes_this_machine():

@@ -203,7 +203,9 @@ def test_bench_json_holds_trajectory_and_training_throughput(project):
     preset = load_preset(PRESET, project.root / "params.yaml")
     assert traj["batch"] == preset.trajectories.batch_size and len(traj["times"]) == 2
     assert traj["pairs_per_s"] == pytest.approx(traj["batch"] / traj["seconds_per_batch"])
-    assert traj["pairs_per_s"] > 0 and traj["peak_mem_kind"] == "cpu_rss_sampled"
+    assert (
+        traj["pairs_per_s"] > 0 and traj["peak_mem_kind"] == "cpu_rss_sampled" and traj["peak_total_mb"] > 0
+    )
     k1, k2 = train["timed_steps"]
     assert 0 < k1 < k2 < preset.train.steps
     if train["steps_per_s"] is not None:  # None only when the longer run measured quicker
