@@ -15,6 +15,9 @@ from torch import Tensor
 from ddcore.params import SamplingParams
 from ddcore.teachers.base import Teacher
 
+# name suffix of a sampler's torch.compile'd variant ("dd1-1step+compile")
+COMPILED_SUFFIX = "+compile"
+
 
 @runtime_checkable
 class ImageSampler(Protocol):
@@ -72,7 +75,7 @@ def compiled_variant(sampler, compile_more: Callable[[object], None] | None = No
     def make():
         twin = copy.copy(sampler)
         twin.teacher = compile_teacher()
-        twin.name = f"{sampler.name}+compile"
+        twin.name = f"{sampler.name}{COMPILED_SUFFIX}"
         if compile_more is not None:
             compile_more(twin)
         return twin

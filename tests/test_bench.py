@@ -13,13 +13,14 @@ import torch
 from ddcore.eval import bench as bench_mod
 from ddcore.eval.bench import (
     RANDOM_CASES,
+    Timed,
     bench_case,
     bench_samplers,
     dd1_random_students,
     machine_info,
     peak_memory,
     random_teacher,
-    time_call,
+    time_in_turns,
 )
 from ddcore.eval.report import render_results_table
 from ddcore.params import BenchParams, SamplingParams
@@ -84,15 +85,17 @@ class FakeStudent:
         return self.teacher.decode(self.tokens(labels, seeds))
 
 
-def test_time_call_is_median_after_warmup(clock):
-    costs = iter([50.0, 3.0, 1.0, 2.0])  # the first (warm-up) call is not timed
+def test_timing_is_median_after_warmup(clock):
+    # the first (warm-up) call is not timed, nor the last (the memory trace)
+    costs = iter([50.0, 3.0, 1.0, 2.0, 70.0])
 
     def fn():
         clock.now += next(costs)
 
-    times = []
-    assert time_call(fn, repeats=3, warmup=1, times=times) == 2.0
-    assert times == [3.0, 1.0, 2.0]
+    job = Timed(fn, "cpu")
+    time_in_turns({"fn": job}, repeats=3, warmup=1)
+    assert job.median == 2.0
+    assert job.times == [3.0, 1.0, 2.0]
 
 
 def test_bench_case_known_answers(clock):

@@ -34,6 +34,7 @@ import torch
 
 from ddcore.eval.report import render_results_table, write_json  # noqa: F401  (re-exported)
 from ddcore.params import BenchParams, SamplingParams
+from ddcore.samplers import COMPILED_SUFFIX
 
 # case -> (family, architecture)
 RANDOM_CASES = {
@@ -74,25 +75,6 @@ def machine_info() -> dict:
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def time_call(fn: Callable[[], Any], repeats: int, warmup: int, times: list | None = None) -> float:
-    """Median wall time of `fn` over `repeats` runs after `warmup` untimed runs.
-
-    The individual times are appended to `times` when given, so the spread can be reported
-    next to the median (on a shared CPU it is often larger than the differences measured).
-    """
-    times = [] if times is None else times
-    for _ in range(warmup):
-        fn()
-    start = len(times)
-    for _ in range(max(1, repeats)):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[start:])
 
 
 def _rss_bytes() -> int:
@@ -156,9 +138,6 @@ def _inputs(num_classes: int, batch: int) -> tuple[torch.Tensor, list[int]]:
 # --------------------------------------------------------------------------------------------
 # one case
 # --------------------------------------------------------------------------------------------
-COMPILED_SUFFIX = "+compile"
-
-
 def with_compiled(samplers: Sequence, enabled: bool) -> list:
     """Add each sampler's torch.compile'd variant, for samplers that offer one via `compiled()`.
 
@@ -246,10 +225,9 @@ def _max_mem(*mems: dict) -> dict:
 
 def _teacher_stop(teacher, max_tokens: int | None) -> int:
     """Where a truncated teacher generation stops: the first step boundary at or past max_tokens."""
-    n = teacher.seq_len if not max_tokens or max_tokens >= teacher.seq_len else max_tokens
-    if n >= teacher.seq_len:
+    if not max_tokens or max_tokens >= teacher.seq_len:
         return teacher.seq_len
-    return next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= n)
+    return next(s for s in [*teacher.step_starts[1:], teacher.seq_len] if s >= max_tokens)
 
 
 def _teacher_job(ts, batch: int, stop: int) -> Timed:
@@ -317,25 +295,25 @@ def bench_case(
     samplers = with_compiled(samplers, compile)
     stop = _teacher_stop(teacher, max_tokens) if teacher_sampler is not None else None
 
-    def decode_key(s) -> str | None:
-        """The VQ decode job of `s`'s teacher (eager, or compiled for "+compile" variants)."""
-        t = getattr(s, "teacher", None) or teacher
-        if t is None:
-            return None
-        return "VQ decode (compiled)" if getattr(t, "is_compiled", False) else "VQ decode"
+    # each sampler's VQ decode job: its teacher's, eager or compiled ("+compile" variants)
+    decoder_of = {s.name: getattr(s, "teacher", None) or teacher for s in samplers}
+    decode_key = {
+        n: None if t is None else "VQ decode (compiled)" if getattr(t, "is_compiled", False) else "VQ decode"
+        for n, t in decoder_of.items()
+    }
 
     per_sampler: dict[str, dict[int, dict]] = {s.name: {} for s in samplers}
     for b in dict.fromkeys((lat_b, thr_b)):
         jobs: dict[str, Timed] = {}
         for s in samplers:
-            key = decode_key(s)
+            key = decode_key[s.name]
             if key is not None and key not in jobs:
-                jobs[key] = _decode_job(getattr(s, "teacher", None) or teacher, b)
+                jobs[key] = _decode_job(decoder_of[s.name], b)
         for s in samplers:
             jobs[s.name] = _teacher_job(s, b, stop) if s is teacher_sampler else _sampler_job(s, teacher, b)
         time_in_turns(jobs, repeats, warmup, f"{case_name} batch {b}" if progress else None)
         for s in samplers:
-            dec = jobs.get(decode_key(s) or "")
+            dec = jobs.get(decode_key[s.name] or "")
             if s is teacher_sampler:
                 per_sampler[s.name][b] = _teacher_result(jobs[s.name], teacher, b, stop, dec)
             else:

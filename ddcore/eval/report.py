@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ddcore.checkpoints import atomic_path, atomic_write_json
+from ddcore.samplers import COMPILED_SUFFIX
 
 
 def json_clean(obj: Any) -> Any:
@@ -138,7 +139,7 @@ def render_results_table(
             dev = bj.get("machine", {}).get("cuda_device") or bj.get("machine", {}).get("cpu_model", "")
             case_info = f"Speed: bench case `{case}` on {dev}."
     # a "+compile" row's speedup is against the compiled teacher (see ddcore.eval.bench)
-    compiled = any(n.endswith("+compile") for n in speed)
+    compiled = any(n.endswith(COMPILED_SUFFIX) for n in speed)
     header = (
         "| sampler | steps | FID | IS | precision | recall | class acc | teacher NLL (nats/tok) | "
         "off-support | s/img (bs 1) | img/s | speedup |" + (" speedup, both compiled |" if compiled else "")
@@ -165,7 +166,7 @@ def render_results_table(
                     _fmt(s.get("sec_per_image"), 4),
                     _fmt(s.get("images_per_s"), 1),
                     _times(s.get("speedup")),
-                    *([_times(speed.get(f"{name}+compile", {}).get("speedup"))] if compiled else []),
+                    *([_times(speed.get(f"{name}{COMPILED_SUFFIX}", {}).get("speedup"))] if compiled else []),
                 ]
             )
             + " |"

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 __all__ = ["compiled", "default_mode", "uses_cuda_graphs"]
 
-# (function, mode) -> torch.compile'd function
+# (function, mode) -> the callable `compiled` returns
 _CACHE: dict[tuple[Callable, str], Callable] = {}
 
 
@@ -38,14 +38,16 @@ def compiled(fn: Callable, mode: str) -> Callable:
     callable marks a new step before each call and clones the tensors it returns.
     """
     key = (fn, mode)
-    cfn = _CACHE.get(key)
-    if cfn is None:
-        cfn = _CACHE[key] = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+    if key in _CACHE:  # called on every pass: no compile-mode lookup after the first
+        return _CACHE[key]
+    cfn = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
     if not uses_cuda_graphs(mode):
+        _CACHE[key] = cfn
         return cfn
 
     def run(*args: Any, **kwargs: Any) -> Any:
         torch.compiler.cudagraph_mark_step_begin()
         return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, cfn(*args, **kwargs))
 
+    _CACHE[key] = run
     return run
