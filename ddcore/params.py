@@ -127,6 +127,11 @@ class StudentParams(Strict):
         ge=0,
         description="AR steps (tokens; VAR: scales) from split_t on decode continuous outputs",
     )
+    extra_layers: int = Field(
+        default=0,
+        ge=0,
+        description="blocks added to the teacher's (identity at initialisation); 0 = the released layout",
+    )
 
 
 class TrainParams(Strict):

@@ -7,7 +7,7 @@ import torch
 from llamagen_helpers import small_gpt, small_gpt_config
 
 from ddcore.checkpoints import CheckpointError
-from ddcore.dd1.student import DD1Student, load_student_checkpoint
+from ddcore.dd1.student import DD1Student, layer_sources, load_student_checkpoint
 from ddcore.models.llamagen import gpt_config
 
 D = 8
@@ -132,3 +132,36 @@ def test_dtype_cast_keeps_codebook_fp32():
     s = s.to(torch.bfloat16)
     assert s.codebook.dtype == torch.float32 and s.freqs_cis.dtype == torch.float32
     assert s.output.weight.dtype == torch.bfloat16
+
+
+def test_layer_sources_spread_new_blocks_behind_the_teachers():
+    assert layer_sources(3, 0) == [0, 1, 2]
+    assert layer_sources(3, 3) == [0, None, 1, None, 2, None]
+    assert layer_sources(3, 4) == [0, None, None, 1, None, 2, None]
+    assert layer_sources(2, 1) == [0, None, 1]
+    with pytest.raises(ValueError, match="extra_layers"):
+        layer_sources(3, -1)
+
+
+def test_extra_layers_copy_the_teacher_blocks_and_start_as_identity():
+    gpt = small_gpt(seed=0)
+    cb = torch.nn.functional.normalize(torch.randn(gpt.cfg.vocab_size, D), dim=-1)
+    deep = DD1Student.from_teacher(gpt, cb, extra_layers=3).eval()
+    n = gpt.cfg.n_layer
+    assert deep.cfg.n_layer == n + 3 and len(deep.layers) == n + 3
+    sources = layer_sources(n, 3)
+    for block, src in zip(deep.layers, sources, strict=True):
+        if src is None:
+            assert not block.attention.wo.weight.any() and not block.feed_forward.w2.weight.any()
+        else:
+            tsd = gpt.layers[src].state_dict()
+            assert all(torch.equal(v, tsd[k]) for k, v in block.state_dict().items())
+    x, lab, t = torch.randn(2, gpt.cfg.block_size, D), torch.tensor([1, 2]), torch.tensor([0, 3])
+    with torch.no_grad():
+        logits, cont = deep(x, lab, t)
+        # the same network without the new blocks gives the same outputs: they are the identity
+        deep.layers = torch.nn.ModuleList(
+            b for b, s in zip(deep.layers, sources, strict=True) if s is not None
+        )
+        logits0, cont0 = deep(x, lab, t)
+    assert torch.equal(logits, logits0) and torch.equal(cont, cont0)

@@ -11,7 +11,7 @@ import torch
 from dd1_toy import make_small_trajectories, small_llamagen_teacher, small_train_params
 from safetensors.torch import load_file
 
-from ddcore.dd1.student import DD1Student
+from ddcore.dd1.student import DD1Student, layer_sources
 from ddcore.dd1.train import (
     LOG_COLUMNS,
     LPIPSUnavailable,
@@ -202,3 +202,19 @@ def test_throughput_runs_the_stage_code_and_reports_consistent_figures(traj, tmp
     assert res["peak_mem_kind"] == "cpu_rss_sampled"
     # stop_at runs save nothing in the trajectory folder or elsewhere
     assert not any(p.name.startswith("student") for p in Path(traj).rglob("*"))
+
+
+def test_deeper_student_trains_saves_and_reloads(traj, tmp_path):
+    teacher = small_llamagen_teacher(0)
+    out = tmp_path / "deep"
+    sp = SP.model_copy(update={"extra_layers": 2})
+    train_student(teacher, traj, sp, _tp(steps=6, val_every=3), out, device="cpu", progress=False)
+    student, meta = load_student(out, teacher, device="cpu")
+    assert meta["config"]["n_layer"] == teacher.gpt.cfg.n_layer + 2 == len(student.layers)
+    sd = load_file(str(out / "student.safetensors"))
+    assert all(torch.equal(v, sd[k]) for k, v in student.state_dict().items())
+    # trained: the new blocks are no longer the identity
+    new = [
+        b for b, s in zip(student.layers, layer_sources(teacher.gpt.cfg.n_layer, 2), strict=True) if s is None
+    ]
+    assert all(b.attention.wo.weight.abs().sum() > 0 for b in new)

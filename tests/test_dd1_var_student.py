@@ -8,6 +8,7 @@ import torch
 from var_helpers import PATCH_NUMS, small_var, small_vqvae
 
 from ddcore.checkpoints import CheckpointError
+from ddcore.dd1.student import layer_sources
 from ddcore.dd1.var_student import (
     DD1VARStudent,
     clone_var_student,
@@ -271,3 +272,30 @@ def test_one_and_two_step_sampling():
     assert img.shape == (3, 3, 8, 8) and torch.isfinite(img).all()
     with pytest.raises(ValueError, match="t_list"):
         s.sample_vectors(labels, noise, (2,), split_t=2)
+
+
+def test_extra_blocks_copy_the_teacher_blocks_and_start_as_identity():
+    var = small_var(seed=1)
+    deep = DD1VARStudent.from_teacher(var, small_vqvae().codebook.detach(), extra_layers=2).eval()
+    sources = layer_sources(var.cfg.depth, 2)
+    assert deep.cfg.depth == var.cfg.depth + 2 == len(deep.blocks) == len(deep.layerwise_n_d_embed) - 1
+    keep = [i for i, s in enumerate(sources) if s is not None]
+    for i, src in enumerate(sources):
+        block = deep.blocks[i]
+        if src is None:
+            assert not any(lin.weight.any() or lin.bias.any() for lin in (block.attn.proj, block.ffn.fc2))
+        else:
+            tsd = var.blocks[src].state_dict()
+            assert all(torch.equal(v, tsd[k]) for k, v in block.state_dict().items())
+    x, labels = _inputs()
+    with torch.no_grad():
+        for i, src in enumerate(sources):  # a new block's only other input: its n/d projection
+            if src is None:
+                torch.nn.init.zeros_(deep.layerwise_n_d_embed[i].weight)
+                torch.nn.init.zeros_(deep.layerwise_n_d_embed[i].bias)
+        logits, cont = deep(x, labels, 1)
+        proj = deep.layerwise_n_d_embed
+        deep.blocks = torch.nn.ModuleList(deep.blocks[i] for i in keep)
+        deep.layerwise_n_d_embed = torch.nn.ModuleList([*(proj[i] for i in keep), proj[-1]])
+        logits0, cont0 = deep(x, labels, 1)
+    assert torch.equal(logits, logits0) and torch.equal(cont, cont0)

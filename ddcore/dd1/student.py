@@ -37,7 +37,29 @@ from ddcore.models.llamagen import (
     precompute_freqs_cis_2d,
 )
 
-__all__ = ["DD1Student", "FinalLayer", "StudentReadout", "load_student_checkpoint", "student_config"]
+__all__ = [
+    "DD1Student",
+    "FinalLayer",
+    "StudentReadout",
+    "layer_sources",
+    "load_student_checkpoint",
+    "student_config",
+]
+
+
+def layer_sources(n_teacher: int, extra: int) -> list[int | None]:
+    """Where each student block comes from: teacher block i (an int) or a new block (None).
+
+    The `extra` new blocks are spread evenly behind the teacher's blocks (the first `extra % n`
+    teacher blocks take one more), so every depth of the copied network gets room to refine what
+    it computes; with extra = 0 this is the teacher's (and the released students') layout."""
+    if extra < 0:
+        raise ValueError(f"extra_layers must be >= 0, got {extra}")
+    per, rest = divmod(extra, n_teacher)
+    out: list[int | None] = []
+    for i in range(n_teacher):
+        out += [i] + [None] * (per + (1 if i < rest else 0))
+    return out
 
 
 def student_config(teacher_cfg: GPTConfig) -> GPTConfig:
@@ -176,12 +198,21 @@ class DD1Student(StudentReadout, nn.Module):
         nn.init.zeros_(self.output.weight)
 
     @classmethod
-    def from_teacher(cls, gpt: GPT, codebook: Tensor) -> DD1Student:
-        """A student whose shared parts are copies of the teacher GPT's weights."""
-        student = cls(gpt.cfg, codebook.to("cpu")).to(gpt.device)
+    def from_teacher(cls, gpt: GPT, codebook: Tensor, extra_layers: int = 0) -> DD1Student:
+        """A student whose shared parts are copies of the teacher GPT's weights, plus
+        `extra_layers` new blocks (`layer_sources`) whose attention and FFN output projections
+        start at zero, so each is the identity at initialisation."""
+        sources = layer_sources(gpt.cfg.n_layer, extra_layers)
+        cfg = replace(gpt.cfg, n_layer=len(sources))
+        student = cls(cfg, codebook.to("cpu")).to(gpt.device)
         with torch.no_grad():
             student.cls_embedding.load_state_dict(gpt.cls_embedding.state_dict())
-            student.layers.load_state_dict(gpt.layers.state_dict())
+            for block, src in zip(student.layers, sources, strict=True):
+                if src is None:
+                    nn.init.zeros_(block.attention.wo.weight)
+                    nn.init.zeros_(block.feed_forward.w2.weight)
+                else:
+                    block.load_state_dict(gpt.layers[src].state_dict())
             student.norm.load_state_dict(gpt.norm.state_dict())
             student.output.load_state_dict(gpt.output.state_dict())
         return student

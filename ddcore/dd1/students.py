@@ -44,11 +44,12 @@ def _family(name: str) -> tuple[type[nn.Module], type, str]:
     return _FAMILIES[name]
 
 
-def new_student(teacher: Teacher) -> nn.Module:
-    """A student initialised from the teacher's network (new layers drawn from the global RNG)."""
+def new_student(teacher: Teacher, extra_layers: int = 0) -> nn.Module:
+    """A student initialised from the teacher's network, with `extra_layers` more blocks than it
+    (identity-initialised; 0 = the released layout). New layers are drawn from the global RNG."""
     cls, _, attr = _family(teacher.family)
     codebook = teacher.codebook.detach().float().cpu()
-    return cls.from_teacher(getattr(teacher, attr), codebook)
+    return cls.from_teacher(getattr(teacher, attr), codebook, extra_layers)
 
 
 def load_student(student_dir: str | os.PathLike, teacher: Teacher, device=None) -> tuple[nn.Module, dict]:

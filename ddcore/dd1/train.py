@@ -342,7 +342,7 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
     codebook = teacher.codebook.detach().float().to(dev)
     with torch.random.fork_rng(devices=[]):  # the new layers' init depends on train.seed only
         torch.manual_seed(_hash_seed("init", tp.seed))
-        model = new_student(teacher).to(device=dev, dtype=torch.float32)
+        model = new_student(teacher, sp.extra_layers).to(device=dev, dtype=torch.float32)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)

@@ -26,12 +26,13 @@ from __future__ import annotations
 import copy
 import math
 import os
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from ddcore.checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
-from ddcore.dd1.student import FinalLayer, StudentReadout
+from ddcore.dd1.student import FinalLayer, StudentReadout, layer_sources
 from ddcore.models.var import VAR, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig
 from ddcore.teachers.var import suggest_var
 
@@ -122,19 +123,29 @@ class DD1VARStudent(StudentReadout, nn.Module):
         nn.init.trunc_normal_(self.n_d_embed.weight, std=NEW_ROW_STD)
 
     @classmethod
-    def from_teacher(cls, var: VAR, codebook: Tensor) -> DD1VARStudent:
+    def from_teacher(cls, var: VAR, codebook: Tensor, extra_layers: int = 0) -> DD1VARStudent:
         """A student whose shared parts are copies of the teacher VAR's weights.
 
         Copied: word_embed, class_emb, pos_start, blocks, shared_ada_lin, head_nm, head; lvl_embed
         and pos_1LC with the teacher rows shifted by one. New (random): their row 1, n_d_embed, the
         layerwise projections and final_layer_conti. (The original re-initialises class_emb row 1
         where lvl_embed row 1 was meant; here lvl_embed row 1 is the one initialised.)
+        `extra_layers` new blocks are placed by `layer_sources`, their attention and FFN output
+        projections at zero (each adds only its noise/data projection at initialisation).
         """
         device = var.pos_1LC.device
-        student = cls(var.cfg, codebook.to("cpu")).to(device)
+        sources = layer_sources(var.cfg.depth, extra_layers)
+        student = cls(replace(var.cfg, depth=len(sources)), codebook.to("cpu")).to(device)
         with torch.no_grad():
-            for name in ("word_embed", "class_emb", "blocks", "head_nm", "head"):
+            for name in ("word_embed", "class_emb", "head_nm", "head"):
                 getattr(student, name).load_state_dict(getattr(var, name).state_dict())
+            for block, src in zip(student.blocks, sources, strict=True):
+                if src is None:
+                    for lin in (block.attn.proj, block.ffn.fc2):
+                        nn.init.zeros_(lin.weight)
+                        nn.init.zeros_(lin.bias)
+                else:
+                    block.load_state_dict(var.blocks[src].state_dict())
             if var.cfg.shared_aln:
                 student.shared_ada_lin.load_state_dict(var.shared_ada_lin.state_dict())
             student.pos_start.copy_(var.pos_start)
