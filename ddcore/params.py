@@ -139,6 +139,10 @@ class TrainParams(Strict):
     batch_size: int = Field(default=128, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     lr: float = Field(default=3e-4, gt=0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        default="adamw",
+        description="adamw; or muon: Muon on the transformer blocks' matrices, AdamW on the rest",
+    )
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)

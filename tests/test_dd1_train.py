@@ -130,18 +130,20 @@ def test_training_learns_logs_and_saves(traj, tmp_path):
     assert (out / "student.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_kill_and_resume_equals_straight_run(traj, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_and_resume_equals_straight_run(traj, tmp_path, optimizer):
     teacher = small_llamagen_teacher(0)
+    tp = _tp(ckpt_every=3, optimizer=optimizer)
     straight = tmp_path / "straight"
-    train_student(teacher, traj, SP, _tp(ckpt_every=3), straight, device="cpu", progress=False)
+    train_student(teacher, traj, SP, tp, straight, device="cpu", progress=False)
     resumed = tmp_path / "resumed"
     # killed after step 5; the last checkpoint is step 3, rows were logged at steps 2 and 4
-    assert train_student(
-        teacher, traj, SP, _tp(ckpt_every=3), resumed, device="cpu", progress=False, stop_at=5
-    ) == {"stopped_at": 5}
+    assert train_student(teacher, traj, SP, tp, resumed, device="cpu", progress=False, stop_at=5) == {
+        "stopped_at": 5
+    }
     state = torch.load(resumed / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and [int(r["step"]) for r in _rows(resumed / "train_log.csv")] == [2, 4]
-    train_student(teacher, traj, SP, _tp(ckpt_every=3), resumed, device="cpu", progress=False)
+    train_student(teacher, traj, SP, tp, resumed, device="cpu", progress=False)
     a, b = load_file(str(straight / "student.safetensors")), load_file(str(resumed / "student.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

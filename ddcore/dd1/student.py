@@ -231,6 +231,10 @@ class DD1Student(StudentReadout, nn.Module):
         """AR steps of the teacher: t ranges over 0..num_steps (t = num_steps is all data)."""
         return self.cfg.block_size
 
+    @property
+    def transformer_blocks(self) -> nn.ModuleList:
+        return self.layers
+
     def _freqs(self, device) -> Tensor:
         if self.freqs_cis.device != torch.device(device):
             self.freqs_cis = self.freqs_cis.to(device)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddcore.checkpoints import atomic_path, atomic_write_text, save_model
+from ddcore.dd1.optim import build_optimizer
 from ddcore.dd1.students import STUDENT, load_student, new_student
 from ddcore.dd1.trajectories import TrajectoryDataset, teacher_fingerprint
 from ddcore.params import StudentParams, TrainParams
@@ -346,7 +347,7 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, betas=(0.9, 0.95), weight_decay=tp.weight_decay)
+    opt = build_optimizer(model, tp)
     lpips_loss = LPIPSLoss(teacher).to(dev) if tp.lpips_weight > 0 else None
 
     step, rows = 0, []

@@ -172,6 +172,10 @@ class DD1VARStudent(StudentReadout, nn.Module):
         return len(self.cfg.patch_nums)
 
     @property
+    def transformer_blocks(self) -> nn.ModuleList:
+        return self.blocks
+
+    @property
     def num_steps(self) -> int:
         """AR steps of the teacher (scales): t ranges over 0..num_steps."""
         return self.num_scales
