@@ -29,9 +29,10 @@ def _close(a: dict, b: dict, atol: float) -> float:
 
 def test_two_process_ddp_with_muon_matches_single_process(tmp_path):
     """Muon orthogonalises the all-reduced gradient's momentum: every rank takes the single-process
-    step. Orthogonalising amplifies the gradient's weak directions, so the last-bit differences of
-    a differently ordered gradient sum grow to ~2e-4 here (gradient accumulation shows the same);
-    the tolerance still separates a run on another batch by more than an order of magnitude."""
+    step. Orthogonalising (in bf16, in torch's Muon) amplifies the gradient's weak directions, so the
+    last-bit differences of a differently ordered gradient sum grow to ~2e-4 here (gradient
+    accumulation shows the same); the tolerance still separates a run on another batch by more than
+    an order of magnitude."""
     traj = tmp_path / "traj"
     make_small_trajectories(traj)
     cfg = {**TRAIN, "optimizer": "muon"}
