@@ -14,6 +14,7 @@ the held-out token accuracy and image metrics AdamW needs about twice the steps 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import get_args
 
 import torch
 from torch import nn
@@ -22,8 +23,12 @@ from ddcore.params import TrainParams
 
 __all__ = ["OPTIMIZERS", "MuonWithAdamW", "block_matrices", "build_optimizer"]
 
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS: tuple[str, ...] = get_args(TrainParams.model_fields["optimizer"].annotation)
 ADAMW_BETAS = (0.9, 0.95)
+
+
+def _adamw(params: Iterable[nn.Parameter], tp: TrainParams) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=tp.lr, betas=ADAMW_BETAS, weight_decay=tp.weight_decay)
 
 
 def block_matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -54,12 +59,7 @@ class MuonWithAdamW:
             weight_decay=tp.weight_decay,
             adjust_lr_fn="match_rms_adamw",
         )
-        self.adamw = torch.optim.AdamW(
-            list(adamw_params),
-            lr=tp.lr,
-            betas=ADAMW_BETAS,
-            weight_decay=tp.weight_decay,
-        )
+        self.adamw = _adamw(list(adamw_params), tp)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -85,12 +85,7 @@ class MuonWithAdamW:
 
 def build_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer | MuonWithAdamW:
     if tp.optimizer == "adamw":
-        return torch.optim.AdamW(
-            model.parameters(),
-            lr=tp.lr,
-            betas=ADAMW_BETAS,
-            weight_decay=tp.weight_decay,
-        )
+        return _adamw(model.parameters(), tp)
     if tp.optimizer == "muon":
         mats = block_matrices(model)
         ids = {id(p) for p in mats}
