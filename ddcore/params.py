@@ -154,6 +154,10 @@ class TrainParams(Strict):
     val_every: int = Field(default=100, ge=1)
     ckpt_every: int = Field(default=500, ge=1)
     seed: int = 0
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the student's training forward and backward (weights and EMA stay eager)",
+    )
 
 
 class EvalParams(Strict):
