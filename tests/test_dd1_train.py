@@ -12,12 +12,11 @@ from dd1_toy import make_small_trajectories, small_llamagen_teacher, small_train
 from safetensors.torch import load_file
 
 from ddcore.dd1.student import DD1Student, layer_sources
-from ddcore.dd1.students import new_student
 from ddcore.dd1.train import (
     LOG_COLUMNS,
     LPIPSUnavailable,
-    _hash_seed,
     dd1_loss,
+    initial_student,
     load_student,
     lr_at,
     step_batch,
@@ -227,15 +226,14 @@ def test_deeper_student_trains_saves_and_reloads(traj, tmp_path):
 def test_compiled_training_matches_eager(traj, tmp_path):
     """train.compile changes the kernels, not the training: same steps, same weights to rounding."""
     teacher = small_llamagen_teacher(0)
-    with torch.random.fork_rng(devices=[]):  # the initialisation training starts from
-        torch.manual_seed(_hash_seed("init", 0))
-        init = new_student(teacher, 0).state_dict()
-    saved = {}
+    init = initial_student(teacher, SP.extra_layers, _tp().seed).state_dict()
+    saved, rows = {}, {}
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"
         train_student(teacher, traj, SP, _tp(steps=4, compile=compiled), out, device="cpu", progress=False)
         saved[compiled] = load_file(str(out / "student.safetensors"))
-        assert [int(r["step"]) for r in _rows(out / "train_log.csv")] == [2, 4]
+        rows[compiled] = _rows(out / "train_log.csv")
+        assert [int(r["step"]) for r in rows[compiled]] == [2, 4]
     eager, comp = saved[False], saved[True]
     assert eager.keys() == comp.keys()
     moved = max(float((eager[k] - init[k]).abs().max()) for k in init)
@@ -243,8 +241,6 @@ def test_compiled_training_matches_eager(traj, tmp_path):
     # AdamW's first steps are about +-lr per weight, so kernel rounding can flip a few near-zero
     # gradients' steps: the runs agree to a small fraction of how far training moved the weights
     assert gap < moved / 20, (gap, moved)
-    for x, y in zip(
-        *(_rows(tmp_path / f"compile_{c}" / "train_log.csv") for c in (False, True)), strict=True
-    ):
+    for x, y in zip(rows[False], rows[True], strict=True):
         for k in ("loss", "ce", "mse"):
             assert float(x[k]) == pytest.approx(float(y[k]), rel=1e-4), (k, x, y)

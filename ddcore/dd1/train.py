@@ -56,6 +56,7 @@ __all__ = [
     "LPIPSUnavailable",
     "StepBatch",
     "dd1_loss",
+    "initial_student",
     "load_student",
     "lr_at",
     "step_batch",
@@ -87,6 +88,13 @@ def lr_at(step: int, p: TrainParams) -> float:
 def _hash_seed(*parts) -> int:
     d = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
+
+
+def initial_student(teacher: Teacher, extra_layers: int, seed: int) -> nn.Module:
+    """The student training starts from; the new layers' init depends on `seed` (train.seed) only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_hash_seed("init", seed))
+        return new_student(teacher, extra_layers)
 
 
 @dataclass
@@ -342,9 +350,7 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
             return meta.get("summary", {})
 
     codebook = teacher.codebook.detach().float().to(dev)
-    with torch.random.fork_rng(devices=[]):  # the new layers' init depends on train.seed only
-        torch.manual_seed(_hash_seed("init", tp.seed))
-        model = new_student(teacher, sp.extra_layers).to(device=dev, dtype=torch.float32)
+    model = initial_student(teacher, sp.extra_layers, tp.seed).to(device=dev, dtype=torch.float32)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -377,7 +383,7 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
-    # compiled: the same module and parameters, fused kernels (docs/dd1.md: 1.4x per step on 2 CPU cores)
+    # compiled: the same module and parameters, fused kernels (docs/dd1.md: 1.2-1.4x per step on 2 CPU cores)
     train_fwd = torch.compile(ddp_model) if tp.compile else ddp_model
     val_idx = torch.arange(n_train, len(ds))
     t2 = sp.t_list[1] if len(sp.t_list) > 1 else None
