@@ -145,6 +145,9 @@ class TrainParams(Strict):
     )
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
+    lr_end_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="the cosine decay's end: lr x lr_end_ratio at the last step"
+    )
     grad_clip: float = Field(default=1.0, gt=0)
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     ce_weight: float = Field(default=1.0, ge=0)

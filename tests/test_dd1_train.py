@@ -84,6 +84,9 @@ def test_lr_schedule():
     assert lr_at(0, p) == pytest.approx(0.1) and lr_at(9, p) == pytest.approx(1.0)
     assert lr_at(10, p) == pytest.approx(1.0) and lr_at(100, p) == pytest.approx(0.1)
     assert lr_at(40, p) > lr_at(80, p)
+    to_zero = _tp(steps=100, warmup_steps=10, lr=1.0, lr_end_ratio=0.0)
+    assert lr_at(100, to_zero) == 0.0 and lr_at(9, to_zero) == pytest.approx(1.0)
+    assert lr_at(55, to_zero) == pytest.approx(0.5) and lr_at(55, p) == pytest.approx(0.55)
 
 
 def test_training_learns_logs_and_saves(traj, tmp_path):

@@ -76,13 +76,14 @@ class LPIPSUnavailable(RuntimeError):
 # schedule and data order (pure functions of the step)
 # --------------------------------------------------------------------------------------------
 def lr_at(step: int, p: TrainParams) -> float:
-    """Linear warm-up for `warmup_steps`, then cosine decay to 10% of lr at the last step.
-    `step` counts optimizer updates from 0."""
+    """Linear warm-up for `warmup_steps`, then cosine decay to lr x `lr_end_ratio` (default 10%)
+    at the last step. `step` counts optimizer updates from 0."""
     if p.warmup_steps and step < p.warmup_steps:
         return p.lr * (step + 1) / p.warmup_steps
     span = max(1, p.steps - p.warmup_steps)
     prog = min(1.0, (step - p.warmup_steps) / span)
-    return p.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * prog)))
+    end = p.lr_end_ratio
+    return p.lr * (end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * prog)))
 
 
 def _hash_seed(*parts) -> int:
