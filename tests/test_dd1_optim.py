@@ -10,7 +10,14 @@ import torch
 from dd1_toy import small_llamagen_teacher, small_train_params
 from var_helpers import small_var, small_vqvae
 
-from ddcore.dd1.optim import MuonWithAdamW, block_matrices, build_optimizer
+from ddcore.dd1.optim import (
+    NS_COEFFICIENTS,
+    MuonWithAdamW,
+    StackedMuon,
+    block_matrices,
+    build_optimizer,
+    orthogonalise,
+)
 from ddcore.dd1.student import DD1Student
 from ddcore.dd1.var_student import DD1VARStudent
 from ddcore.params import ParamsError, TrainParams, load_preset
@@ -84,3 +91,59 @@ def test_unknown_optimizer_names_the_key_and_the_allowed_values():
     with pytest.raises(ParamsError, match=r"presets\.micro\.train\.optimizer: .*'adamw' or 'muon'"):
         load_preset("micro", overrides={"train": {"optimizer": "sgd"}})
     assert TrainParams().optimizer == "adamw"  # the released recipe's optimizer stays the default
+
+
+def _stacked_model_params(seed: int) -> list[torch.nn.Parameter]:
+    """Matrices in the shapes a block holds, several of each (plus a tall one), as the student has."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(96, 32), (32, 32), (88, 32), (88, 32), (32, 88)] * 3 + [(40, 24)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g) * 0.05) for s in shapes]
+
+
+def _run(opt_cls: type, params: list[torch.nn.Parameter], steps: int) -> torch.optim.Optimizer:
+    opt = opt_cls(params, lr=2e-2, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.optim, "Muon"), reason="torch < 2.9 has no torch.optim.Muon to compare with"
+)
+def test_stacked_muon_takes_torch_muons_steps():
+    """Batching the Newton-Schulz iterations per shape is the same algorithm: after 5 steps the weights
+    agree with torch's per-matrix Muon to bf16 rounding (the steps themselves move them ~100x more),
+    and each optimizer resumes from the other's state."""
+    ours, ref, start = _stacked_model_params(0), _stacked_model_params(0), _stacked_model_params(0)
+    ours_opt = _run(StackedMuon, ours, 5)
+    ref_opt = _run(torch.optim.Muon, ref, 5)
+    for a, b, s in zip(ours, ref, start, strict=True):
+        moved = (b - s).abs().max().item()
+        assert moved > 1e-2
+        assert (a - b).abs().max().item() < 1e-2 * moved
+    # the state layout is torch's: a momentum buffer per parameter, loadable both ways
+    twin = torch.optim.Muon(ours, lr=2e-2, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
+    twin.load_state_dict(ours_opt.state_dict())
+    back = StackedMuon(ref, lr=2e-2, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
+    back.load_state_dict(ref_opt.state_dict())
+    torch.testing.assert_close(
+        back.state[ref[0]]["momentum_buffer"], ref_opt.state[ref[0]]["momentum_buffer"]
+    )
+
+
+def test_stacked_muon_orthogonalises_each_matrix_of_a_stack_alone():
+    """A stack's members do not mix: each comes out as the orthogonalisation of itself alone."""
+    g = torch.Generator().manual_seed(2)
+    stack = torch.randn(4, 24, 40, generator=g)
+    stack[1] *= 100.0  # a much larger member must not change the others' normalisation
+    together = orthogonalise(stack, NS_COEFFICIENTS, 5, 1e-7).float()
+    for k in range(4):
+        alone = orthogonalise(stack[k : k + 1], NS_COEFFICIENTS, 5, 1e-7).float()[0]
+        torch.testing.assert_close(together[k], alone)
+        sv = torch.linalg.svdvals(together[k])
+        assert sv.min() > 0.5 and sv.max() < 1.5
+    with pytest.raises(ValueError, match="2-D parameters only"):
+        StackedMuon([torch.nn.Parameter(torch.zeros(3))])
