@@ -167,6 +167,10 @@ class EvalParams(Strict):
     num_samples: int = Field(default=2000, ge=1)
     batch_size: int = Field(default=250, ge=1)
     seed: int = 12345
+    labels: Literal["random", "balanced"] = Field(
+        default="random",
+        description="random: torch.randint, LlamaGen's FID protocol; balanced: every class equally often",
+    )
     reference: str = Field(default="world", description="'world' (tiny evaluator) or an npz / stats path")
     samplers: list[str] = ["teacher", "dd1-1step", "dd1-2step", "onestep-baseline"]
 

@@ -12,7 +12,7 @@ from eval_helpers import RandomConvEvaluator
 from ddcore.eval.evaluate import EVAL_SEED_BASE, eval_labels, eval_seeds, evaluate_samplers, grid_plan
 from ddcore.eval.fidelity import reference_from_images, tiny_extractor, to_uint8
 from ddcore.eval.report import render_results_table
-from ddcore.params import EvalParams, SamplingParams
+from ddcore.params import EvalParams, ParamsError, SamplingParams, load_preset
 from ddcore.sampling import logits_to_probs
 
 N, L, V, C = 64, 6, 12, 4
@@ -84,6 +84,19 @@ def test_labels_and_seeds_are_reproducible_and_disjoint():
     assert min(eval_seeds(10, 0)) >= EVAL_SEED_BASE
     labels, seeds, ncol = grid_plan(1000, 4, 0)
     assert ncol == 4 and len(seeds) == labels.numel() == 32 and labels[0] == 207
+
+
+def test_balanced_labels_give_every_class_its_share_in_a_seeded_order():
+    lab = eval_labels(10, 2005, 3, balanced=True)
+    counts = torch.bincount(lab, minlength=10)
+    assert counts.tolist() == [201] * 5 + [200] * 5  # n // C, the first n % C classes once more
+    assert torch.equal(lab, eval_labels(10, 2005, 3, balanced=True))
+    assert not torch.equal(lab, eval_labels(10, 2005, 4, balanced=True))
+    assert not torch.equal(lab[:10], torch.arange(10))  # shuffled, not in class order
+    # random labels (LlamaGen's protocol, the default) are not balanced at this size
+    assert torch.bincount(eval_labels(10, 2005, 3), minlength=10).tolist() != counts.tolist()
+    with pytest.raises(ParamsError, match=r"presets\.micro\.eval\.labels: .*'random' or 'balanced'"):
+        load_preset("micro", overrides={"eval": {"labels": "stratified"}})
 
 
 def test_evaluate_samplers_identical_vs_shifted(world, tmp_path):

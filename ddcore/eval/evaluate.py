@@ -42,14 +42,22 @@ from ddcore.eval.report import plot_fid_vs_steps, save_grid, write_json
 from ddcore.params import EvalParams, SamplingParams, TinyWorldParams
 
 EVAL_SEED_BASE = 1 << 40
+LABEL_PROTOCOL = {
+    "random": "torch.randint(num_classes) with a torch.Generator seeded by eval.seed",
+    "balanced": "arange(n) % num_classes in the order of torch.randperm(n) with a torch.Generator seeded by eval.seed",
+}
 GRID_SEED_OFFSET = 1 << 19  # grid images use seeds past any plausible num_samples
 IMAGENET_GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # LlamaGen's demo classes
 
 
-def eval_labels(num_classes: int, n: int, seed: int) -> Tensor:
-    """Uniformly random class labels (torch.randint), reproducible from `seed`."""
+def eval_labels(num_classes: int, n: int, seed: int, balanced: bool = False) -> Tensor:
+    """Class labels reproducible from `seed`: uniformly random (torch.randint, LlamaGen's protocol),
+    or balanced (each class n // C or n // C + 1 times, in random order). Random class counts vary by
+    about sqrt(n / C), which moves FID's mean term between seed sets (docs/evaluation.md)."""
     g = torch.Generator().manual_seed(int(seed))
-    return torch.randint(0, num_classes, (n,), generator=g)
+    if not balanced:
+        return torch.randint(0, num_classes, (n,), generator=g)
+    return (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
 
 
 def eval_seeds(n: int, seed: int, offset: int = 0) -> list[int]:
@@ -165,7 +173,7 @@ def evaluate_samplers(
     if sampling is None:
         sampling = getattr(teacher_sampler, "params", None) or SamplingParams()
     n = eval_params.num_samples
-    labels = eval_labels(teacher.num_classes, n, eval_params.seed)
+    labels = eval_labels(teacher.num_classes, n, eval_params.seed, balanced=eval_params.labels == "balanced")
     seeds = eval_seeds(n, eval_params.seed)
     n_nll = min(n, nll_samples if nll_samples is not None else n)
 
@@ -222,7 +230,7 @@ def evaluate_samplers(
         "protocol": {
             "n_samples": n,
             "seed": eval_params.seed,
-            "labels": "torch.randint(num_classes) with a torch.Generator seeded by eval.seed",
+            "labels": LABEL_PROTOCOL[eval_params.labels],
             "noise_seeds": f"{EVAL_SEED_BASE} + seed * 2**20 + i",
             "extractor": extractor.get_name(),
             "score_size": score_size,
