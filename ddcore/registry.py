@@ -417,25 +417,77 @@ def _metric_files(metrics_dir: Path) -> list[Path]:
     )
 
 
-def _champion(client: MlflowClient, name: str) -> tuple[str, Scores] | None:
+def eval_protocol(preset: Preset) -> str:
+    """What makes two FIDs comparable: sample count, label scheme, seed and reference (not the sampler
+    list or the batch size). Stored as each version's `eval_protocol` tag; the gate compares FIDs of
+    one protocol only."""
+    e = preset.eval
+    return f"n={e.num_samples} labels={e.labels} seed={e.seed} reference={e.reference}"
+
+
+def check_scored_protocol(preset: Preset, eval_result: dict, where: Path | str) -> None:
+    """Refuse an eval.json scored under other eval params than the preset's: its FID would be
+    registered under the wrong protocol."""
+    from ddcore.eval.evaluate import LABEL_PROTOCOL
+
+    e, got = preset.eval, eval_result.get("protocol") or {}
+    want = {"n_samples": e.num_samples, "seed": e.seed, "labels": LABEL_PROTOCOL[e.labels]}
+    differ = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if differ:
+        parts = ", ".join(f"{k} {a!r} (preset: {b!r})" for k, (a, b) in differ.items())
+        raise ValueError(f"{where} was scored with {parts}; re-run the evaluate stage")
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    scores: Scores
+    protocol: str | None  # None: registered before versions carried the tag
+
+
+def _champion(client: MlflowClient, name: str) -> Champion | None:
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
     try:
-        return mv.version, Scores(float(mv.tags["fid"]), float(mv.tags["sec_per_image"]))
+        scores = Scores(float(mv.tags["fid"]), float(mv.tags["sec_per_image"]))
     except (KeyError, ValueError):
         log.warning("champion %s v%s has no fid/sec_per_image tags; treating as absent", name, mv.version)
         return None
+    return Champion(str(mv.version), scores, mv.tags.get("eval_protocol"))
 
 
-def _existing_version(client: MlflowClient, name: str, student_sha: str):
+def gate_decision(
+    challenger: Scores, protocol: str, champion: Champion | None, gate: PromoteParams
+) -> Decision:
+    """`promotion_decision` against a champion scored under the same protocol; a champion scored under
+    another one keeps its place, since neither FID says anything about the other."""
+    if champion is not None and champion.protocol != protocol:
+        return Decision(
+            False,
+            f"champion v{champion.version} was scored under another evaluation protocol "
+            f"({champion.protocol or 'not recorded'}; this version: {protocol}), so the FIDs are not "
+            "comparable and the champion stays",
+            champion.version,
+        )
+    decision = promotion_decision(challenger, champion.scores if champion else None, gate)
+    if champion is None:
+        return decision
+    return Decision(
+        decision.promote, decision.reason, champion.version, decision.fid_limit, decision.latency_limit
+    )
+
+
+def _existing_version(client: MlflowClient, name: str, student_sha: str, protocol: str):
+    """The version holding this student scored under this protocol (a re-scored student under a new
+    protocol is a new version: its FID must not overwrite the one the old gate decision used)."""
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException:
         return None
     for mv in versions:
-        if mv.tags.get("student_sha256") == student_sha:
+        if mv.tags.get("student_sha256") == student_sha and mv.tags.get("eval_protocol") == protocol:
             return mv
     return None
 
@@ -458,7 +510,7 @@ def _description(
     scores: Scores,
     steps: Any,
     decision: Decision,
-    champion: tuple[str, Scores] | None,
+    champion: Champion | None,
     tags: dict[str, str],
     teacher_row: dict | None,
 ) -> str:
@@ -468,11 +520,15 @@ def _description(
         "",
         f"- FID {scores.fid:.4g}, {scores.sec_per_image * 1000:.4g} ms/image",
     ]
+    lines.append(f"- evaluation protocol: {tags['eval_protocol']}")
     if teacher_row and _number(teacher_row, "fid") is not None:
         lines.append(f"- teacher FID {_number(teacher_row, 'fid'):.4g} on the same protocol")
     if champion:
-        v, c = champion
-        lines.append(f"- champion v{v}: FID {c.fid:.4g}, {c.sec_per_image * 1000:.4g} ms/image")
+        c = champion.scores
+        other = "" if champion.protocol == tags["eval_protocol"] else " (another evaluation protocol)"
+        lines.append(
+            f"- champion v{champion.version}: FID {c.fid:.4g}{other}, {c.sec_per_image * 1000:.4g} ms/image"
+        )
     verdict = "promoted to **champion**" if decision.promote else "stays **challenger**"
     lines += ["", f"Gate ({verdict}): {decision.reason}.", ""]
     lines.append(
@@ -504,13 +560,19 @@ def register_student(
     exp_id = ensure_experiment(client)
     name = model_name(preset)
     eval_result = json.loads(layout.eval_json.read_text())
+    check_scored_protocol(preset, eval_result, layout.eval_json)
     bench_result = json.loads(layout.bench_json.read_text())
     sampler, scores, rows = headline_scores(preset, eval_result, bench_result)
     student_sha = _student_sha(layout.student_dir)
 
-    existing = _existing_version(client, name, student_sha)
+    protocol = eval_protocol(preset)
+    existing = _existing_version(client, name, student_sha, protocol)
     if existing is not None:
-        log.info("%s v%s already holds this student; not registering again", name, existing.version)
+        log.info(
+            "%s v%s already holds this student under this protocol; not registering again",
+            name,
+            existing.version,
+        )
         mv = client.get_model_version(name, existing.version)
         return {
             "model_name": name,
@@ -521,7 +583,9 @@ def register_student(
                 "promote": mv.tags.get("decision") == CHAMPION,
                 "reason": mv.tags.get("decision_reason", ""),
             },
-            "scores": {"fid": scores.fid, "sec_per_image": scores.sec_per_image},
+            # the scores the gate decided on (a re-run bench may time the same student differently)
+            "scores": {"fid": float(mv.tags["fid"]), "sec_per_image": float(mv.tags["sec_per_image"])},
+            "eval_protocol": protocol,
             "reused": True,
         }
 
@@ -534,6 +598,7 @@ def register_student(
         "sampler": sampler,
         "steps": str(steps),
         "student_sha256": student_sha,
+        "eval_protocol": protocol,
     }
     if commit := git_commit(layout.project_root):
         tags["git_commit"] = commit
@@ -582,11 +647,7 @@ def register_student(
     )
     version = str(mv.version)
     champion = _champion(client, name)
-    decision = promotion_decision(scores, champion[1] if champion else None, preset.promote)
-    if champion:
-        decision = Decision(
-            decision.promote, decision.reason, champion[0], decision.fid_limit, decision.latency_limit
-        )
+    decision = gate_decision(scores, protocol, champion, preset.promote)
     client.set_registered_model_alias(name, CHALLENGER, version)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -598,9 +659,10 @@ def register_student(
     }
     if champion:
         gate_tags |= {
-            "compared_to_version": champion[0],
-            "champion_fid": f"{champion[1].fid:.6g}",
-            "champion_sec_per_image": f"{champion[1].sec_per_image:.6g}",
+            "compared_to_version": champion.version,
+            "champion_fid": f"{champion.scores.fid:.6g}",
+            "champion_sec_per_image": f"{champion.scores.sec_per_image:.6g}",
+            "champion_eval_protocol": champion.protocol or "not recorded",
         }
     for k, v in gate_tags.items():
         client.set_model_version_tag(name, version, k, v)
@@ -624,7 +686,8 @@ def register_student(
         "aliases": aliases,
         "decision": asdict(decision),
         "scores": asdict(scores),
-        "champion_scores": asdict(champion[1]) if champion else None,
+        "champion_scores": asdict(champion.scores) if champion else None,
+        "eval_protocol": protocol,
         "run_url": run_url(client, exp_id, run_id),
     }
 

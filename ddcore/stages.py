@@ -783,7 +783,16 @@ def register_stage(
 
 def _public_registry_record(result: dict) -> dict:
     """What gets committed (metrics/<preset>/registry.json): no URIs that embed local paths."""
-    keep = ("model_name", "version", "aliases", "decision", "scores", "champion_scores", "run_id")
+    keep = (
+        "model_name",
+        "version",
+        "aliases",
+        "decision",
+        "scores",
+        "champion_scores",
+        "eval_protocol",
+        "run_id",
+    )
     return {k: result[k] for k in keep if k in result}
 
 

@@ -46,6 +46,16 @@ def test_gate_known_answers():
     )
     assert d.promote and d.fid_limit == pytest.approx(12.0)
     assert not promotion_decision(Scores(float("nan"), 0.01), champ, gate).promote
+    # the gate compares FIDs of one evaluation protocol only
+    same = registry.Champion("3", champ, "n=8000 labels=balanced seed=1 reference=world")
+    d = registry.gate_decision(Scores(9.0, 0.010), same.protocol, same, gate)
+    assert d.promote and d.champion_version == "3" and d.fid_limit == pytest.approx(10.0)
+    for other in ("n=2000 labels=random seed=1 reference=world", None):
+        d = registry.gate_decision(
+            Scores(1.0, 0.001), same.protocol, dataclasses.replace(same, protocol=other), gate
+        )
+        assert not d.promote and "another evaluation protocol" in d.reason and d.champion_version == "3"
+    assert registry.gate_decision(Scores(1.0, 0.001), same.protocol, None, gate).reason == "no champion yet"
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +160,45 @@ def test_registering_the_same_student_again_returns_the_version(registered, proj
     assert again["version"] == registered["res"]["version"] and again["reused"]
     c = MlflowClient(tracking_uri=registered["tracking"], registry_uri=registered["tracking"])
     assert len(c.search_model_versions("name='dd-micro'")) == 1
+
+
+def test_a_student_rescored_under_another_protocol_is_a_new_version_the_gate_keeps_apart(
+    project, tmp_path_factory
+):
+    """The same student file, evaluated again with another eval seed: a new version (its FID must not
+    overwrite the one the first decision used), and no promotion over a champion whose FID came from
+    another protocol. An eval.json that does not match the preset's eval params is refused."""
+    tracking = f"sqlite:///{tmp_path_factory.mktemp('mlflow-protocol') / 'mlflow.db'}"
+    root = tmp_path_factory.mktemp("rescored") / "repo"
+    shutil.copytree(project.root, root, symlinks=True)
+    rescored = MicroProject(root, project.env, 0, "")
+    seed = preset_of(project).eval.seed + 1
+    with pytest.raises(ValueError, match=r"eval\.json was scored with seed .*re-run the evaluate stage"):
+        registry.register_student(
+            PRESET,
+            load_preset(PRESET, root / "params.yaml", overrides={"eval": {"seed": seed}}),
+            layout_of(rescored, tracking),
+        )
+    rescored.ddcore("--quiet", "evaluate", "--preset", PRESET, "--set", f"eval.seed={seed}")
+    r1 = registry.register_student(PRESET, preset_of(project), layout_of(project, tracking))
+    preset2 = load_preset(PRESET, root / "params.yaml", overrides={"eval": {"seed": seed}})
+    r2 = registry.register_student(PRESET, preset2, layout_of(rescored, tracking))
+    assert (r1["version"], r2["version"]) == ("1", "2") and r1["decision"]["promote"]
+    assert not r2["decision"]["promote"] and "another evaluation protocol" in r2["decision"]["reason"]
+    c = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    v1, v2 = c.get_model_version("dd-micro", "1"), c.get_model_version("dd-micro", "2")
+    assert v1.tags["student_sha256"] == v2.tags["student_sha256"]
+    assert v1.tags["eval_protocol"] != v2.tags["eval_protocol"] == registry.eval_protocol(preset2)
+    assert v2.tags["champion_eval_protocol"] == v1.tags["eval_protocol"]
+    assert str(c.get_model_version_by_alias("dd-micro", "champion").version) == "1"
+    # registering either again finds its own version
+    assert registry.register_student(PRESET, preset2, layout_of(rescored, tracking))["version"] == "2"
+    again = registry.register_student(PRESET, preset_of(project), layout_of(project, tracking))
+    assert (
+        again["version"] == "1"
+        and again["reused"]
+        and again["scores"]["fid"] == pytest.approx(float(v1.tags["fid"]))
+    )
 
 
 def test_pyfunc_loads_and_predicts_images(registered, project):
