@@ -1,9 +1,10 @@
 """The student's optimizer: AdamW, or Muon on the transformer blocks' matrices with AdamW elsewhere.
 
 `train.optimizer: muon` hands every 2-D weight inside the student's transformer blocks (attention
-and FFN matrices, VAR's AdaLN projections) to Muon (torch's algorithm, `StackedMuon`), which orthogonalises their Nesterov
-momentum by a few Newton-Schulz iterations, and keeps AdamW for everything else (input projection,
-class and n/d embeddings, norms, both heads), the split Muon is designed for. Muon runs with
+and FFN matrices, VAR's AdaLN projections) to Muon (torch's algorithm, as `StackedMuon` below), which
+orthogonalises their Nesterov momentum by a few Newton-Schulz iterations, and keeps AdamW for
+everything else (input projection, class and n/d embeddings, norms, both heads), the split Muon is
+designed for. Muon runs with
 `adjust_lr_fn="match_rms_adamw"` (update scaled by 0.2 sqrt(max(rows, cols)), AdamW's typical RMS),
 so both parts follow the one `train.lr` schedule. Orthogonalising amplifies a gradient's weak
 directions, so runs whose gradient sums differ in the last bits (DDP, gradient accumulation) drift
