@@ -433,9 +433,23 @@ def check_scored_protocol(preset: Preset, eval_result: dict, where: Path | str) 
     e, got = preset.eval, eval_result.get("protocol") or {}
     want = {"n_samples": e.num_samples, "seed": e.seed, "labels": LABEL_PROTOCOL[e.labels]}
     differ = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    scored_ref = (eval_result.get("reference") or {}).get("name")
+    if not _same_reference(e.reference, scored_ref):
+        differ["reference"] = (scored_ref, e.reference)
     if differ:
         parts = ", ".join(f"{k} {a!r} (preset: {b!r})" for k, (a, b) in differ.items())
         raise ValueError(f"{where} was scored with {parts}; re-run the evaluate stage")
+
+
+def _same_reference(param: str, scored_name: str | None) -> bool:
+    """eval.json names its reference 'world' or by the path it was read from, which is the
+    `eval.reference` path, made absolute against the project when it was relative."""
+    if scored_name is None:
+        return False
+    if param == "world" or scored_name == "world":
+        return param == scored_name
+    want, got = Path(param).parts, Path(scored_name).parts
+    return got == want or (not Path(param).is_absolute() and got[-len(want) :] == want)
 
 
 @dataclass(frozen=True)
@@ -573,21 +587,8 @@ def register_student(
             name,
             existing.version,
         )
-        mv = client.get_model_version(name, existing.version)
-        return {
-            "model_name": name,
-            "version": str(mv.version),
-            "run_id": mv.run_id,
-            "aliases": list(mv.aliases),
-            "decision": {
-                "promote": mv.tags.get("decision") == CHAMPION,
-                "reason": mv.tags.get("decision_reason", ""),
-            },
-            # the scores the gate decided on (a re-run bench may time the same student differently)
-            "scores": {"fid": float(mv.tags["fid"]), "sec_per_image": float(mv.tags["sec_per_image"])},
-            "eval_protocol": protocol,
-            "reused": True,
-        }
+        # the scores and decision recorded then (a re-run bench may time the same student differently)
+        return {**_version_record(client, name, str(existing.version)), "reused": True}
 
     steps = rows["eval"].get("steps", rows["bench"].get("steps", ""))
     tags = {
@@ -643,7 +644,7 @@ def register_student(
     mv = mlflow.register_model(
         info.model_uri,
         name,
-        tags={**tags, "fid": f"{scores.fid:.6g}", "sec_per_image": f"{scores.sec_per_image:.6g}"},
+        tags={**tags, "fid": repr(scores.fid), "sec_per_image": repr(scores.sec_per_image)},
     )
     version = str(mv.version)
     champion = _champion(client, name)
@@ -660,10 +661,13 @@ def register_student(
     if champion:
         gate_tags |= {
             "compared_to_version": champion.version,
-            "champion_fid": f"{champion.scores.fid:.6g}",
-            "champion_sec_per_image": f"{champion.scores.sec_per_image:.6g}",
+            "champion_fid": repr(champion.scores.fid),
+            "champion_sec_per_image": repr(champion.scores.sec_per_image),
             "champion_eval_protocol": champion.protocol or "not recorded",
         }
+    for key in ("fid_limit", "latency_limit"):
+        if (limit := getattr(decision, key)) is not None:
+            gate_tags[key] = repr(limit)
     for k, v in gate_tags.items():
         client.set_model_version_tag(name, version, k, v)
     client.set_tag(run_id, "registered_model", f"{name}/{version}")
@@ -677,18 +681,42 @@ def register_student(
             name,
             description=f"Distilled Decoding students of the {preset.teacher.name} teacher (labels + seeds -> images).",
         )
-    aliases = list(client.get_model_version(name, version).aliases)
+    return {**_version_record(client, name, version), "reused": False}
+
+
+def _version_record(client: MlflowClient, name: str, version: str) -> dict:
+    """What registry.json says about a version, read back from its tags: the same record whether the
+    version was registered just now or found again by a later run."""
+    mv = client.get_model_version(name, version)
+    tags = mv.tags
+
+    def num(key: str) -> float | None:
+        return float(tags[key]) if key in tags else None
+
+    champion_version = tags.get("compared_to_version")
     return {
         "model_name": name,
-        "version": version,
-        "run_id": run_id,
-        "model_uri": f"models:/{name}/{version}",
-        "aliases": aliases,
-        "decision": asdict(decision),
-        "scores": asdict(scores),
-        "champion_scores": asdict(champion.scores) if champion else None,
-        "eval_protocol": protocol,
-        "run_url": run_url(client, exp_id, run_id),
+        "version": str(mv.version),
+        "run_id": mv.run_id,
+        "model_uri": f"models:/{name}/{mv.version}",
+        "aliases": list(mv.aliases),
+        "decision": asdict(
+            Decision(
+                tags.get("decision") == CHAMPION,
+                tags.get("decision_reason", ""),
+                champion_version,
+                num("fid_limit"),
+                num("latency_limit"),
+            )
+        ),
+        "scores": {"fid": num("fid"), "sec_per_image": num("sec_per_image")},
+        "champion_scores": (
+            {"fid": num("champion_fid"), "sec_per_image": num("champion_sec_per_image")}
+            if champion_version
+            else None
+        ),
+        "eval_protocol": tags.get("eval_protocol"),
+        "run_url": run_url(client, client.get_run(mv.run_id).info.experiment_id, mv.run_id),
     }
 
 

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from servers import mlflow_server, moto_s3, s3_keys
 
 from ddcore import registry, stages
+from ddcore.eval.evaluate import LABEL_PROTOCOL
 from ddcore.params import PromoteParams, load_preset
 from ddcore.registry import Scores, promotion_decision
 
@@ -127,6 +128,30 @@ def registered(project, tmp_path_factory):
     return {"res": res, "tracking": tracking, "layout": layout}
 
 
+def test_an_eval_scored_against_another_reference_is_refused():
+    """eval.json names the reference it read ('world', or the path made absolute against the
+    project); the protocol check compares it with the preset's `eval.reference`."""
+    scored = {"protocol": {"n_samples": 64, "seed": 3, "labels": LABEL_PROTOCOL["random"]}}
+
+    def check(param: str, scored_name: str | None) -> None:
+        preset = load_preset(PRESET, overrides={"eval": {"num_samples": 64, "seed": 3, "reference": param}})
+        ref = {} if scored_name is None else {"reference": {"name": scored_name}}
+        registry.check_scored_protocol(preset, {**scored, **ref}, "eval.json")
+
+    check("world", "world")
+    check("refs/val.npz", "/project/refs/val.npz")  # relative param, resolved against the project
+    check("/data/refs/val.npz", "/data/refs/val.npz")
+    for param, name in [
+        ("world", "/project/refs/val.npz"),
+        ("refs/val.npz", "world"),
+        ("refs/val.npz", "/project/refs/train.npz"),
+        ("/data/refs/val.npz", "/other/data/refs/val.npz"),
+        ("world", None),
+    ]:
+        with pytest.raises(ValueError, match=r"eval\.json was scored with reference .*\(preset: "):
+            check(param, name)
+
+
 def test_register_logs_everything(registered, project):
     res, tracking = registered["res"], registered["tracking"]
     c = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
@@ -158,6 +183,8 @@ def test_register_logs_everything(registered, project):
 def test_registering_the_same_student_again_returns_the_version(registered, project):
     again = registry.register_student(PRESET, preset_of(project), registered["layout"])
     assert again["version"] == registered["res"]["version"] and again["reused"]
+    # the same record as the first registration (registry.json does not change on a re-run)
+    assert {**again, "reused": False} == registered["res"]
     c = MlflowClient(tracking_uri=registered["tracking"], registry_uri=registered["tracking"])
     assert len(c.search_model_versions("name='dd-micro'")) == 1
 
