@@ -11,6 +11,7 @@ import torch
 from dd1_toy import make_small_trajectories, small_llamagen_teacher, small_train_params
 from safetensors.torch import load_file
 
+from ddcore.dd1.measure import jacobi_refinement, prefix_accuracy
 from ddcore.dd1.student import DD1Student, layer_sources
 from ddcore.dd1.train import (
     LOG_COLUMNS,
@@ -23,7 +24,7 @@ from ddcore.dd1.train import (
     train_student,
 )
 from ddcore.dd1.trajectories import TrajectoryDataset
-from ddcore.params import StudentParams
+from ddcore.params import FlowParams, SamplingParams, StudentParams
 
 SP = StudentParams(t_list=[0, 6], split_t=10)
 
@@ -157,6 +158,33 @@ def test_kill_and_resume_equals_straight_run(traj, tmp_path, optimizer):
     for x, y in zip(ra, rb, strict=True):
         for k in ("loss", "ce", "mse", "val_acc_t0", "val_acc_t2", "lr"):
             assert float(x[k]) == pytest.approx(float(y[k]), rel=1e-6, abs=1e-9), (k, x, y)
+
+
+def test_jacobi_refinement_reaches_the_stored_trajectories_exactly(traj):
+    """After k rounds of exact parallel refinement the first k tokens are right; after seq_len rounds
+    all of them: the stored tokens are the fixed point of teacher + flow map on the stored noise."""
+    teacher = small_llamagen_teacher(0)
+    ds = TrajectoryDataset(traj)
+    idx, L = torch.arange(len(ds) - 16, len(ds)), teacher.seq_len
+    man = ds.manifest
+    rows = jacobi_refinement(
+        teacher,
+        ds.noise[idx].float(),
+        ds.labels[idx],
+        ds.tokens[idx].long(),
+        ds.marginals(torch.arange(len(ds) - 16)),
+        SamplingParams(**man.sampling),
+        FlowParams(**man.flow),
+        rounds=L,
+    )
+    assert [r["round"] for r in rows] == list(range(L + 1))
+    assert all(r["median_first_wrong"] >= r["round"] for r in rows)
+    assert rows[0]["accuracy"] < 0.9 and rows[-1] == {"round": L, "accuracy": 1.0, "median_first_wrong": L}
+    target = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    assert prefix_accuracy(torch.tensor([[1, 2, 3], [1, 0, 0]]), target) == {
+        "accuracy": pytest.approx(4 / 6),
+        "median_first_wrong": 1.0,  # the lower of the two middle values: 1 (second row) and 3 (none)
+    }
 
 
 def test_changed_params_do_not_resume_a_foreign_checkpoint(traj, tmp_path):

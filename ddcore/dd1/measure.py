@@ -1,9 +1,13 @@
 """Measurements behind the DD1 choices in docs/dd1.md (reproducible from the command line).
 
     python -m ddcore.dd1.measure flow --teacher-dir models/tiny/teacher [--n 4000]
+    python -m ddcore.dd1.measure jacobi --teacher-dir models/tiny/teacher \
+        --traj-dir data/tiny/trajectories [--student-dir models/tiny/student] [--pairs 500]
 
 `flow`: agreement of cheaper flow-map solvers with a 1024-step Heun reference on the teacher's
 own next-token distributions (teacher-forced on teacher samples), plus their speed.
+`jacobi`: how far exact parallel refinement with the teacher gets per round on stored trajectories,
+the yardstick for what one student pass recovers (docs/dd1.md, section 6).
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ddcore.dd1.flowmap import FlowSolver
-from ddcore.params import SamplingParams
+from ddcore.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.params import FlowParams, SamplingParams
 from ddcore.teachers.base import Teacher
 
-__all__ = ["flow_agreement_table", "teacher_token_distributions"]
+__all__ = ["flow_agreement_table", "jacobi_refinement", "prefix_accuracy", "teacher_token_distributions"]
 
 
 @torch.no_grad()
@@ -70,6 +74,59 @@ def flow_agreement_table(
     return rows
 
 
+def prefix_accuracy(pred: Tensor, target: Tensor) -> dict:
+    """Token accuracy and the median index of the first wrong position (seq_len if none)."""
+    right = pred == target
+    first_wrong = torch.where(right.all(1), right.shape[1], (~right).float().argmax(1))
+    return {"accuracy": right.double().mean().item(), "median_first_wrong": float(first_wrong.median())}
+
+
+@torch.no_grad()
+def jacobi_refinement(
+    teacher: Teacher,
+    noise: Tensor,
+    labels: Tensor,
+    target: Tensor,
+    prior: Tensor,
+    sampling: SamplingParams,
+    flow: FlowParams,
+    rounds: int,
+) -> list[dict]:
+    """Every trajectory token is q_i = F(eps_i, p_i(q_<i)), a fixed point: start from the flow map of
+    `prior` (L, V) at every position, then re-run the teacher teacher-forced on the current guess and
+    the flow map on its p, all positions at once. After k rounds the first k AR steps are exact; the
+    rows give `prefix_accuracy` against `target` after each round (round 0: the prior's tokens)."""
+    chooser = FlowChooser(teacher.codebook, FlowSolver.from_params(flow))
+    noise, labels = noise.to(teacher.device).float(), labels.to(teacher.device)
+    guess = chooser(prior.to(teacher.device)[None].expand(noise.shape[0], -1, -1).contiguous(), noise)
+    rows = [{"round": 0, **prefix_accuracy(guess.cpu(), target)}]
+    for k in range(1, rounds + 1):
+        guess = chooser(teacher.teacher_forced_probs(guess, labels, sampling), noise)
+        rows.append({"round": k, **prefix_accuracy(guess.cpu(), target)})
+    return rows
+
+
+def _jacobi(args: argparse.Namespace) -> None:
+    from ddcore.dd1.students import load_student
+    from ddcore.dd1.trajectories import TrajectoryDataset
+    from ddcore.teachers.llamagen import build_llamagen_teacher_from_dir
+
+    teacher = build_llamagen_teacher_from_dir(args.teacher_dir)
+    ds = TrajectoryDataset(args.traj_dir)
+    n = len(ds)
+    held = torch.arange(n - args.pairs, n)  # the last pairs: training holds them out for validation
+    noise, target, labels = ds.noise[held].float(), ds.tokens[held].long(), ds.labels[held]
+    prior = ds.marginals(torch.arange(n - args.pairs))
+    sampling, flow = SamplingParams(**ds.manifest.sampling), FlowParams(**ds.manifest.flow)
+    for row in jacobi_refinement(teacher, noise, labels, target, prior, sampling, flow, args.rounds):
+        print(json.dumps(row))
+    if args.student_dir:
+        student, _ = load_student(args.student_dir, teacher, device="cpu")
+        t0 = torch.zeros(len(held), dtype=torch.long)
+        logits, _ = student(noise, labels, t0, with_cont=False)
+        print(json.dumps({"student": args.student_dir, **prefix_accuracy(logits.argmax(-1), target)}))
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser(prog="python -m ddcore.dd1.measure")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -78,7 +135,15 @@ def _main() -> None:
     f.add_argument("--n", type=int, default=4000)
     f.add_argument("--sampling", default="{}", help="SamplingParams as JSON")
     f.add_argument("--steps", default="4,8,16,32,64,128")
+    j = sub.add_parser("jacobi", help="exact parallel refinement with the teacher vs one student pass")
+    j.add_argument("--teacher-dir", required=True)
+    j.add_argument("--traj-dir", required=True)
+    j.add_argument("--student-dir", default=None)
+    j.add_argument("--pairs", type=int, default=500)
+    j.add_argument("--rounds", type=int, default=12)
     args = ap.parse_args()
+    if args.cmd == "jacobi":
+        return _jacobi(args)
     from ddcore.teachers.llamagen import build_llamagen_teacher_from_dir
 
     teacher = build_llamagen_teacher_from_dir(args.teacher_dir)
