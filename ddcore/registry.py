@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -486,11 +486,7 @@ def gate_decision(
             champion.version,
         )
     decision = promotion_decision(challenger, champion.scores if champion else None, gate)
-    if champion is None:
-        return decision
-    return Decision(
-        decision.promote, decision.reason, champion.version, decision.fid_limit, decision.latency_limit
-    )
+    return replace(decision, champion_version=champion.version) if champion else decision
 
 
 def _existing_version(client: MlflowClient, name: str, student_sha: str, protocol: str):

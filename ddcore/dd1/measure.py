@@ -106,6 +106,7 @@ def jacobi_refinement(
     return rows
 
 
+@torch.no_grad()
 def _jacobi(args: argparse.Namespace) -> None:
     from ddcore.dd1.students import load_student
     from ddcore.dd1.trajectories import TrajectoryDataset
