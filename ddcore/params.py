@@ -161,6 +161,11 @@ class TrainParams(Strict):
         default=False,
         description="torch.compile the student's training forward and backward (weights and EMA stay eager)",
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="the training forward/backward: auto = bf16 autocast on CUDA, fp32 on CPU; "
+        "fp32; bf16 = bf16 autocast on either (for CPUs with bf16 matrix units, e.g. AMX)",
+    )
 
 
 class EvalParams(Strict):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from llamagen_helpers import NUM_CLASSES, small_gpt
 
+from ddcore.models.attention import attend
 from ddcore.models.llamagen import (
     GPT,
     GPT_CONFIGS,
@@ -196,6 +197,22 @@ def test_bf16_weights_keep_fp32_rope_and_logits():
     assert gpt.freqs_cis.dtype == torch.float32
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_fp32():
+    """bf16 autocast on a CPU keeps attention in fp32 (its bf16 backward is slow there), gradients included."""
+    q, k, v = (torch.randn(2, 3, 9, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, is_causal=True)
+        bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert torch.equal(out, exact)
+    assert not torch.equal(bf16.float(), exact)  # bf16 attention would have rounded
+    out.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+    # without autocast the call is plain SDPA in the inputs' dtype
+    assert attend(q.detach(), k.detach(), v.detach(), is_causal=True).dtype == torch.bfloat16
 
 
 def test_transformer_block_is_reusable_with_masks():

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ddcore.dd1.flowmap import FlowChooser, FlowSolver
-from ddcore.dd1.train import train_student
+from ddcore.dd1.train import train_student, trains_in_bf16
 from ddcore.dd1.trajectories import pair_seeds, shard_labels, trajectory_batch
 from ddcore.eval.bench import Timed, peak_memory, time_in_turns
 from ddcore.params import FlowParams, SamplingParams, StudentParams, TrainParams, TrajectoryParams
@@ -60,36 +60,55 @@ def training_throughput(
     student, compiling it under `train.compile`). k2 stays below `train.steps`, so a tiny preset's
     validation steps can fall inside. Peak memory: a run of k1 steps under the memory watcher,
     made first, so that both timed runs find the same warm caches (a cold compile would otherwise
-    fall on the first only and shrink the difference).
+    fall on the first only and shrink the difference). When the preset trains in bf16, the same
+    runs in fp32 are made in turns with its own, and `fp32` and `speedup_vs_fp32` report them.
     """
     k2 = max(2, min(steps[1], train.steps - 1))
     k1 = max(1, min(steps[0], k2 - 1))
-    secs = {}
+    variants = {"preset": train}
+    if trains_in_bf16(train, teacher.device):
+        variants["fp32"] = train.model_copy(update={"precision": "fp32"})
+    secs: dict[str, dict[int, float]] = {v: {} for v in variants}
     with tempfile.TemporaryDirectory() as d:
-        with peak_memory(teacher.device) as mem:
-            train_student(
-                teacher, traj_dir, student, train, Path(d) / "mem", resume=False, progress=False, stop_at=k1
-            )
-        for k in (k1, k2):
-            t0 = time.perf_counter()
+
+        def run(name: str, k: int) -> None:
             train_student(
                 teacher,
                 traj_dir,
                 student,
-                train,
-                Path(d) / f"run{k}",
+                variants[name],
+                Path(d) / f"{name}{k}",
                 resume=False,
                 progress=False,
                 stop_at=k,
             )
-            secs[k] = time.perf_counter() - t0
+
+        with peak_memory(teacher.device) as mem:
+            run("preset", k1)
+        for name in variants:
+            if name != "preset":
+                run(name, k1)  # its compile, too, before anything is timed
+        for k in (k1, k2):
+            for name in variants:
+                t0 = time.perf_counter()
+                run(name, k)
+                secs[name][k] = time.perf_counter() - t0
+    figures = {name: _per_step_figures(secs[name], k1, k2, train.batch_size) for name in variants}
+    out = {**figures["preset"], **mem}
+    if "fp32" in figures:
+        out["fp32"] = figures["fp32"]
+        fast, slow = figures["preset"]["steps_per_s"], figures["fp32"]["steps_per_s"]
+        out["speedup_vs_fp32"] = fast / slow if fast and slow else None
+    return out
+
+
+def _per_step_figures(secs: dict[int, float], k1: int, k2: int, batch_size: int) -> dict:
     per_step = (secs[k2] - secs[k1]) / (k2 - k1)
     ok = per_step > 0  # a shared machine can make the longer run the quicker one: no figure then
     return {
         "steps_per_s": 1.0 / per_step if ok else None,
-        "samples_per_s": train.batch_size / per_step if ok else None,
-        "batch_size": train.batch_size,
+        "samples_per_s": batch_size / per_step if ok else None,
+        "batch_size": batch_size,
         "timed_steps": [k1, k2],
         "run_seconds": [secs[k1], secs[k2]],
-        **mem,
     }

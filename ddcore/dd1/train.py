@@ -86,6 +86,11 @@ def lr_at(step: int, p: TrainParams) -> float:
     return p.lr * (end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * prog)))
 
 
+def trains_in_bf16(tp: TrainParams, device: torch.device | str) -> bool:
+    """train.precision: bf16 autocast on CUDA by default, on a CPU only when asked (docs/dd1.md)."""
+    return tp.precision == "bf16" or (tp.precision == "auto" and torch.device(device).type == "cuda")
+
+
 def _hash_seed(*parts) -> int:
     d = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
@@ -389,8 +394,10 @@ def _train(teacher_src, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at
     val_idx = torch.arange(n_train, len(ds))
     t2 = sp.t_list[1] if len(sp.t_list) > 1 else None
 
-    def amp():  # bf16 autocast on CUDA; fp32 on CPU
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    bf16 = trains_in_bf16(tp, dev)
+
+    def amp():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
     t_run = time.perf_counter()

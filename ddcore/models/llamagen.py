@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddcore.models.attention import attend
 from ddcore.models.compiled import compiled, default_mode
 
 __all__ = [
@@ -336,7 +337,7 @@ class Attention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
+        out = attend(
             q,
             k,
             v,

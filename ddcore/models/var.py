@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddcore.models.attention import attend
 from ddcore.models.var_vqvae import OFFICIAL_PATCH_NUMS
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if cache is not None:
             k, v = cache.extend(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = attend(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
