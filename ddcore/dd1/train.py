@@ -20,8 +20,8 @@ resumed from the checkpoint of step k replays steps k+1.. exactly, and every DDP
 global batch and takes its slice. The checkpoint holds model, EMA, optimizer, RNG states and
 the log rows; it is written atomically (rank 0) every `ckpt_every` steps.
 
-Runs unchanged under `torchrun` (gloo on CPU, nccl on CUDA); bf16 autocast on CUDA;
-`train.compile` runs the training forward/backward through torch.compile.
+Runs unchanged under `torchrun` (gloo on CPU, nccl on CUDA); bf16 autocast on CUDA, and on a CPU
+with `train.precision: bf16`; `train.compile` runs the training forward/backward through torch.compile.
 """
 
 from __future__ import annotations
