@@ -201,56 +201,6 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
-def suggest_llamagen(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]) -> list[str]:
-    """Hints for LlamaGen GPT / VQ state dicts: which config the file looks like."""
-    hints: list[str] = []
-    if "tok_embeddings.weight" in sd:
-        from ddcore.models.llamagen import guess_gpt_config_name
-
-        vocab, dim = sd["tok_embeddings.weight"].shape
-        layers = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}
-        n_layer = max(layers) + 1 if layers else 0
-        name = guess_gpt_config_name(int(dim), n_layer) or guess_gpt_config_name(int(dim))
-        want = model_sd.get("tok_embeddings.weight")
-        want_layers = {int(m.group(1)) for k in model_sd if (m := re.match(r"layers\.(\d+)\.", k))}
-        if want is not None and (int(want.shape[1]) != int(dim) or len(want_layers) != n_layer):
-            hints.append(
-                f"wrong config: checkpoint dim {dim}, {n_layer} layers"
-                + (f" looks like {name}" if name else " (no published config has this width)")
-                + f"; the model has dim {int(want.shape[1])}, {len(want_layers)} layers"
-            )
-        if want is not None and int(want.shape[0]) != int(vocab):
-            hints.append(
-                f"wrong vocab_size: checkpoint has {vocab} token embeddings, model {int(want.shape[0])}"
-            )
-        cls = sd.get("cls_embedding.embedding_table.weight")
-        wcls = model_sd.get("cls_embedding.embedding_table.weight")
-        if cls is not None and wcls is not None and cls.shape[0] != wcls.shape[0]:
-            hints.append(
-                f"wrong num_classes/class_dropout_prob: checkpoint has {cls.shape[0]} class rows "
-                f"(num_classes + 1 null row when trained with label dropout), model {wcls.shape[0]}"
-            )
-        hints.append(
-            "note: block_size / image size is not stored in the state dict (RoPE is recomputed); "
-            "take it from the file name (_256 -> 256 tokens, _384 -> 576)"
-        )
-    if "quantize.embedding.weight" in sd:
-        cb = sd["quantize.embedding.weight"]
-        want = model_sd.get("quantize.embedding.weight")
-        if want is not None and tuple(cb.shape) != tuple(want.shape):
-            hints.append(f"wrong codebook: checkpoint {tuple(cb.shape)} vs model {tuple(want.shape)}")
-        n_enc = len({k.split(".")[2] for k in sd if k.startswith("encoder.conv_blocks.")})
-        n_want = len({k.split(".")[2] for k in model_sd if k.startswith("encoder.conv_blocks.")})
-        if n_want and n_enc != n_want:
-            hints.append(
-                f"wrong ch_mult: checkpoint has {n_enc} resolution levels (downsample {2 ** (n_enc - 1)}), "
-                f"model {n_want}; VQ-16 has 5 levels, VQ-8 has 4"
-            )
-        if "quantize.codebook_used" in model_sd and "quantize.codebook_used" not in sd:
-            hints.append("codebook_used buffer missing: build the model with codebook_show_usage=False")
-    return hints
-
-
 def load_strict(
     module: nn.Module,
     state_dict: Mapping[str, Tensor],
@@ -284,7 +234,7 @@ def load_strict(
         listing("missing keys", missing)
         listing("unexpected keys", unexpected)
         listing("shape mismatches", mismatched)
-        hints = (suggest or suggest_llamagen)(sd, model_sd)
+        hints = suggest(sd, model_sd) if suggest is not None else []
         lines += [f"  hint: {h}" for h in hints]
         raise CheckpointError("\n".join(lines))
     module.load_state_dict(sd, strict=True, assign=assign)

@@ -131,9 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    from ddcore import stages
+    from ddcore.pipeline.layout import Layout
+    from ddcore.pipeline.markers import StageError
+    from ddcore.pipeline.presets import resolve_preset
 
-    layout = stages.Layout.create(args.preset, root=args.root)
+    layout = Layout.create(args.preset, root=args.root)
     if args.params is not None:
         layout = dataclasses.replace(layout, params_file=args.params.resolve())
     try:
@@ -148,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = _dispatch(args, preset, layout, progress)
     except NotImplementedError as e:
-        print(f"ddcore {args.command}: not available yet: {e}", file=sys.stderr)
+        print(f"ddcore {args.command}: not available: {e}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, stages.StageError) as e:
+    except (FileNotFoundError, StageError) as e:
         print(f"ddcore {args.command}: {e}", file=sys.stderr)
         return 1
     if result is not None:
@@ -159,14 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, preset: Preset, layout, progress: bool):
-    from ddcore import stages
+    from ddcore.pipeline import plan, runner
 
     name = args.preset
     cmd = args.command
     if cmd == "params":
         if args.stage_files is not None:
             d = args.stage_files if args.stage_files.is_absolute() else Path.cwd() / args.stage_files
-            return {"stage_files": [str(p) for p in stages.write_stage_params(preset, d)]}
+            return {"stage_files": [str(p) for p in plan.write_stage_params(preset, d)]}
         data = preset.model_dump(mode="json")
         if args.json:
             return data
@@ -174,43 +176,19 @@ def _dispatch(args: argparse.Namespace, preset: Preset, layout, progress: bool):
 
         print(yaml.safe_dump({name: data}, sort_keys=False), end="")
         return None
-    if cmd == "prepare":
-        return stages.prepare_teacher(name, preset, layout, progress=progress)
-    if cmd == "trajectories":
-        return stages.generate_trajectories_stage(
-            name, preset, shard_ids=args.shards, layout=layout, progress=progress
-        )
-    if cmd == "distill":
-        return stages.distill_stage(name, preset, layout, progress=progress)
-    if cmd == "evaluate":
-        return stages.evaluate_stage(name, preset, layout, progress=progress)
-    if cmd == "bench":
-        return stages.bench_stage(name, preset, layout, progress=progress)
-    if cmd == "register":
-        return stages.register_stage(name, preset, layout, flow_run_id=args.flow_run_id)
     if cmd == "pipeline":
-        return _pipeline(name, preset, layout, args.stages, progress)
+        out = runner.run_pipeline(name, preset, layout, args.stages, progress)
+        return {s: _short(s, r) for s, r in out.items()}
     if cmd == "sample":
         return _sample(args, preset, layout)
-    raise AssertionError(cmd)
-
-
-def _pipeline(name: str, preset: Preset, layout, wanted: Sequence[str], progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
-    from ddcore import stages
-
-    unknown = [s for s in wanted if s not in stages.STAGES]
-    if unknown:
-        raise SystemExit(f"ddcore pipeline: unknown stage(s) {unknown}; allowed: {', '.join(stages.STAGES)}")
-    out = {}
-    bar = tqdm(
-        [s for s in stages.STAGES if s in wanted], desc=f"pipeline {name}", unit="stage", disable=not progress
-    )
-    for s in bar:
-        bar.set_postfix_str(s)
-        out.update(stages.run_pipeline(name, preset, layout, stages=[s], progress=progress))
-    return {s: _short(s, r) for s, r in out.items()}
+    if cmd not in plan.stage_names(preset):
+        raise SystemExit(f"ddcore {cmd}: preset {name!r} ({preset.method}) has no {cmd!r} stage")
+    kw = {}
+    if getattr(args, "shards", None) is not None:
+        kw["shard_ids"] = args.shards
+    if cmd == "register":
+        kw["flow_run_id"] = args.flow_run_id
+    return runner.run_stage(name, preset, layout, cmd, progress=progress, **kw)
 
 
 def _short(stage: str, result) -> object:
@@ -236,15 +214,12 @@ def _sample(args: argparse.Namespace, preset: Preset, layout) -> dict:
     import numpy as np
     import torch
 
-    from ddcore import stages
     from ddcore.checkpoints import atomic_path
-    from ddcore.samplers import TeacherSampler
+    from ddcore.samplers.registry import build_samplers
+    from ddcore.teachers.loading import load_teacher
 
-    teacher, _ = stages.load_teacher(preset, layout.teacher_dir)
-    if args.sampler == "teacher":
-        sampler = TeacherSampler(teacher, preset.teacher.sampling)
-    else:
-        (sampler,) = stages.build_samplers(preset, teacher, layout.student_dir, [args.sampler])
+    teacher, _ = load_teacher(preset, layout.teacher_dir)
+    (sampler,) = build_samplers([args.sampler], teacher, layout.student_dir, preset)
     labels = args.labels or [i % teacher.num_classes for i in range(args.num)]
     bad = [x for x in labels if not 0 <= x < teacher.num_classes]
     if bad:

@@ -1,7 +1,10 @@
 """Experiment parameters: ``params.yaml`` presets, validated before any work starts.
 
-A preset is one complete experiment (teacher, sampling, DD1 data/student/training, evaluation,
-benchmark, promotion gate). Bad values fail here with the key path and what is allowed.
+A preset is one complete experiment: the teacher (family, name, sampling), the distillation
+method (`method`, and that method's own section, e.g. `dd1:`), evaluation, benchmark and the
+promotion gate. Bad values fail here with the key path and what is allowed; which families and
+teacher names exist is checked against the family registry when a preset is resolved for work
+(`ddcore.pipeline.presets.resolve_preset`).
 """
 
 from __future__ import annotations
@@ -15,23 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ddcore.settings import PROJECT_ROOT
 
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
-KNOWN_TEACHERS = (
-    "tiny",
-    "micro",
-    "tiny-var",
-    "micro-var",
-    "llamagen-b",
-    "llamagen-l",
-    "llamagen-b-384",
-    "llamagen-l-384",
-    "llamagen-xl-384",
-    "llamagen-xxl-384",
-    "llamagen-3b-384",
-    "var-d16",
-    "var-d20",
-    "var-d24",
-    "var-d30",
-)
+METHODS = ("dd1",)
 
 Prob = Annotated[float, Field(gt=0.0, le=1.0)]
 
@@ -41,9 +28,18 @@ class Strict(BaseModel):
 
 
 class SamplingParams(Strict):
-    """How the teacher samples: p = softmax(top_p(top_k(guided_logits / temperature)))."""
+    """How the teacher samples: p = softmax(top_p(top_k(guided_logits / temperature))).
 
-    cfg_scale: float = Field(default=1.0, ge=0.0)
+    Guidance has one meaning in every family: guided = uncond + w (cond - uncond) with
+    w = `cfg_scale`, so 1 is off and 0 is the unconditional model. LlamaGen applies w at every
+    step (until `cfg_interval`); VAR ramps it linearly from 1 at the first scale to w at the last
+    (VAR's own schedule; VAR's `cfg` c is w = 1 + c)."""
+
+    cfg_scale: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="guidance weight w: 1 = off, 0 = unconditional; negative means nothing",
+    )
     temperature: float = Field(default=1.0, gt=0.0)
     top_k: int = Field(default=0, ge=0, description="0 = off")
     top_p: Prob = Field(default=1.0, description="1.0 = off")
@@ -88,17 +84,13 @@ class TinyWorldParams(Strict):
 
 
 class TeacherParams(Strict):
-    name: str = Field(description=f"one of {', '.join(KNOWN_TEACHERS)}")
+    name: str = Field(
+        description="a teacher name the preset's family registers (tiny, llamagen-l, var-d16, ...)"
+    )
     source: str | None = Field(default=None, description="override: local path, s3://..., hf://repo/file")
     vq_source: str | None = None
     sampling: SamplingParams = SamplingParams()
     world: TinyWorldParams | None = None
-
-    @model_validator(mode="after")
-    def _check_name(self) -> TeacherParams:
-        if self.name not in KNOWN_TEACHERS:
-            raise ValueError(f"unknown teacher {self.name!r}; allowed: {', '.join(KNOWN_TEACHERS)}")
-        return self
 
 
 class FlowParams(Strict):
@@ -135,6 +127,9 @@ class StudentParams(Strict):
 
 
 class TrainParams(Strict):
+    """The shared training loop (`ddcore.training.loop`): schedule, optimizer, EMA, checkpoints,
+    precision and compilation. Methods extend it with their loss terms."""
+
     steps: int = Field(default=3000, ge=1)
     batch_size: int = Field(default=128, ge=1)
     grad_accum: int = Field(default=1, ge=1)
@@ -150,10 +145,6 @@ class TrainParams(Strict):
     )
     grad_clip: float = Field(default=1.0, gt=0)
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
-    ce_weight: float = Field(default=1.0, ge=0)
-    mse_weight: float = Field(default=1.0, ge=0)
-    lpips_weight: float = Field(default=0.0, ge=0)
-    val_pairs: int = Field(default=256, ge=0)
     val_every: int = Field(default=100, ge=1)
     ckpt_every: int = Field(default=500, ge=1)
     seed: int = 0
@@ -166,6 +157,24 @@ class TrainParams(Strict):
         description="the training forward/backward: auto = bf16 autocast on CUDA, fp32 on CPU; "
         "fp32; bf16 = bf16 autocast on either (for CPUs with bf16 matrix units, e.g. AMX)",
     )
+
+
+class DD1TrainParams(TrainParams):
+    """DD1's loss terms and its held-out pairs on top of the shared loop (docs/dd1.md)."""
+
+    ce_weight: float = Field(default=1.0, ge=0)
+    mse_weight: float = Field(default=1.0, ge=0)
+    lpips_weight: float = Field(default=0.0, ge=0)
+    val_pairs: int = Field(default=256, ge=0)
+
+
+class DD1Params(Strict):
+    """DD1: the flow map, its trajectory data, the student and its training."""
+
+    flow: FlowParams = FlowParams()
+    trajectories: TrajectoryParams = TrajectoryParams()
+    student: StudentParams = StudentParams()
+    train: DD1TrainParams = DD1TrainParams()
 
 
 class EvalParams(Strict):
@@ -199,15 +208,25 @@ class PromoteParams(Strict):
 
 
 class Preset(Strict):
-    family: Literal["llamagen", "var"]
+    family: str = Field(description="teacher family, as registered (llamagen, var, ...)")
     teacher: TeacherParams
-    flow: FlowParams = FlowParams()
-    trajectories: TrajectoryParams = TrajectoryParams()
-    student: StudentParams = StudentParams()
-    train: TrainParams = TrainParams()
+    method: Literal["dd1"] = Field(
+        default="dd1", description="the distillation method; its section holds its params"
+    )
+    headline: str | None = Field(
+        default=None,
+        description="the sampler a registered model stands for; None: the method's first in eval.samplers",
+    )
+    dd1: DD1Params = DD1Params()
     eval: EvalParams = EvalParams()
     bench: BenchParams = BenchParams()
     promote: PromoteParams = PromoteParams()
+
+    @model_validator(mode="after")
+    def _headline_is_evaluated(self) -> Preset:
+        if self.headline is not None and self.headline not in self.eval.samplers:
+            raise ValueError(f"headline {self.headline!r} is not in eval.samplers {self.eval.samplers}")
+        return self
 
 
 class ParamsError(ValueError):

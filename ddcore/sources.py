@@ -8,10 +8,9 @@ A source string is one of
     (``HF_HUB_OFFLINE=1`` or no network) it only looks in the local cache and fails with a clear
     message otherwise.
 
-`KNOWN_CHECKPOINTS` maps the teacher names of params.py (``llamagen-b``, ``llamagen-l-384``, ...)
-and tokenizer names (``vq-ds16-c2i``) to what is needed to build and load them. The RoPE grid is
-not in a LlamaGen state dict, so `block_size` is derived from the file name (``_256`` -> 16x16
-tokens, ``_384`` -> 24x24). Other families add entries with `register_checkpoint()`.
+`KNOWN_CHECKPOINTS` maps published teacher names (``llamagen-b``, ``var-d16``, ...) and tokenizer
+names (``vq-ds16-c2i``) to what is needed to build and load them. Each teacher family registers
+its own entries (its `catalogue` module) with `register_checkpoint()`.
 """
 
 from __future__ import annotations
@@ -32,8 +31,6 @@ __all__ = [
     "SourceError",
     "find_checkpoint",
     "get_checkpoint",
-    "llamagen_info_from_filename",
-    "llamagen_block_size_from_filename",
     "parse_hf_source",
     "register_checkpoint",
     "resolve_source",
@@ -91,80 +88,6 @@ def find_checkpoint(name_or_source: str) -> CheckpointInfo | None:
         if info.filename == fname:
             return info
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# LlamaGen entries
-# --------------------------------------------------------------------------------------------
-LLAMAGEN_HF_REPO = "FoundationVision/LlamaGen"
-_LLAMAGEN_SIZES = {"B": "GPT-B", "L": "GPT-L", "XL": "GPT-XL", "XXL": "GPT-XXL", "3B": "GPT-3B"}
-_C2I_RE = re.compile(r"c2i_(B|L|XL|XXL|3B)_(\d+)(?:\.[A-Za-z]+)?$")
-# GETTING_STARTED cfg values (384 checkpoints, eval at 256); 2.0 for the 256-px ones is an inference.
-_LLAMAGEN_CFG = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}
-
-
-def llamagen_block_size_from_filename(filename: str, downsample: int = 16) -> int:
-    """c2i_B_256.pt -> 256 tokens; c2i_L_384.pt -> 576 (the RoPE grid is not in the state dict)."""
-    m = re.search(r"_(\d+)(?:\.[A-Za-z]+)?$", filename.rsplit("/", 1)[-1])
-    if not m:
-        raise ValueError(f"{filename!r}: cannot read the image size (_256 / _384) from the file name")
-    size = int(m.group(1))
-    if size % downsample:
-        raise ValueError(
-            f"{filename!r}: image size {size} is not a multiple of the tokenizer stride {downsample}"
-        )
-    return (size // downsample) ** 2
-
-
-def llamagen_info_from_filename(filename: str, name: str | None = None) -> CheckpointInfo:
-    """Build the registry entry a published c2i file name implies (config, image and block size)."""
-    fname = filename.rsplit("/", 1)[-1]
-    m = _C2I_RE.search(fname)
-    if not m:
-        raise ValueError(f"{filename!r} is not a LlamaGen c2i file name (c2i_<B|L|XL|XXL|3B>_<256|384>.pt)")
-    size_key, image_size = m.group(1), int(m.group(2))
-    suffix = "" if image_size == 256 else f"-{image_size}"
-    return CheckpointInfo(
-        name=name or f"llamagen-{size_key.lower()}{suffix}",
-        family="llamagen",
-        kind="gpt",
-        source=f"hf://{LLAMAGEN_HF_REPO}/{fname}",
-        config=_LLAMAGEN_SIZES[size_key],
-        image_size=image_size,
-        block_size=llamagen_block_size_from_filename(fname),
-        # B/L/XL files were saved by train_c2i.py ({"model": ...}); XXL/3B are FSDP-consolidated raw dicts
-        layout="raw" if size_key in ("XXL", "3B") else "model",
-        tokenizer="vq-ds16-c2i",
-        num_classes=1000,
-        sampling={"cfg_scale": _LLAMAGEN_CFG[size_key], "top_k": 0, "top_p": 1.0, "temperature": 1.0},
-    )
-
-
-for _f in (
-    "c2i_B_256.pt",
-    "c2i_L_256.pt",
-    "c2i_B_384.pt",
-    "c2i_L_384.pt",
-    "c2i_XL_384.pt",
-    "c2i_XXL_384.pt",
-    "c2i_3B_384.pt",
-):
-    register_checkpoint(llamagen_info_from_filename(_f))
-for _name, _file, _cfg in (
-    ("vq-ds16-c2i", "vq_ds16_c2i.pt", "VQ-16"),
-    ("vq-ds8-c2i", "vq_ds8_c2i.pt", "VQ-8"),
-):
-    register_checkpoint(
-        CheckpointInfo(
-            name=_name,
-            family="llamagen",
-            kind="vq",
-            source=f"hf://{LLAMAGEN_HF_REPO}/{_file}",
-            config=_cfg,
-            layout="model",
-            extra={"downsample": 16 if _cfg == "VQ-16" else 8},
-        )
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def generate_toy_shards(out_dir: str, shard_ids: list[int], num_pairs: int, shar
     """Process entry point for the parallel-generation test (spawned children import this)."""
     import torch
 
-    from ddcore.dd1.trajectories import generate_trajectories
+    from ddcore.methods.dd1.trajectories import generate_trajectories
     from ddcore.params import FlowParams, SamplingParams, TrajectoryParams
 
     torch.set_num_threads(1)
@@ -142,7 +142,7 @@ def small_llamagen_teacher(seed: int = 0):
     """A real `LlamaGenTeacher` on a small random GPT (16 tokens, vocab 48) and VQ (8 px images)."""
     from llamagen_helpers import small_gpt, small_vq
 
-    from ddcore.teachers.llamagen import LlamaGenTeacher
+    from ddcore.teachers.llamagen.teacher import LlamaGenTeacher
 
     return LlamaGenTeacher(small_gpt(seed=seed, std=0.3), small_vq(seed=seed), num_classes=10, image_size=8)
 
@@ -165,7 +165,7 @@ def small_train_params(**kw):
 
 
 def make_small_trajectories(out_dir, num_pairs: int = 96, seed: int = 0):
-    from ddcore.dd1.trajectories import generate_trajectories
+    from ddcore.methods.dd1.trajectories import generate_trajectories
     from ddcore.params import FlowParams, SamplingParams, TrajectoryParams
 
     return generate_trajectories(
@@ -184,7 +184,7 @@ def ddp_train_worker(rank: int, world: int, port: int, traj_dir: str, out_dir: s
 
     import torch
 
-    from ddcore.dd1.train import train_student
+    from ddcore.methods.dd1.train import train_student
     from ddcore.params import StudentParams, TrainParams
 
     dist_env = {

@@ -60,7 +60,7 @@ def small_vq(seed: int = 0, **kw) -> VQModel:
 def three_class_teacher(std: float | None = 0.3, seed: int = 0):
     """A real `LlamaGenTeacher` small enough for metric tests: 16 tokens, vocab 32, 3 classes,
     8 px images. `std` re-draws the GPT's matrices (LlamaGen zero-inits the head); None keeps init."""
-    from ddcore.teachers.llamagen import LlamaGenTeacher
+    from ddcore.teachers.llamagen.teacher import LlamaGenTeacher
 
     torch.manual_seed(seed)
     gpt = GPT(

@@ -24,7 +24,7 @@ from ddcore.eval.bench import (
 )
 from ddcore.eval.report import render_results_table
 from ddcore.params import BenchParams, SamplingParams
-from ddcore.samplers import TeacherSampler
+from ddcore.samplers.base import TeacherSampler
 
 L = 8  # tokens per image
 GEN_PER_TOKEN = 0.01  # fake seconds per generated token per batch (batch-parallel)
@@ -247,7 +247,7 @@ def test_real_small_var_teacher_runs_through_bench():
     """The VAR family in the same bench: per-step (scale) timing, DD1 VAR students, no extrapolation."""
     from var_helpers import small_var, small_vqvae
 
-    from ddcore.teachers.var import VARTeacher
+    from ddcore.teachers.var.teacher import VARTeacher
 
     teacher = VARTeacher(small_var(), small_vqvae())
     samplers = [TeacherSampler(teacher, SamplingParams(cfg_scale=2.0)), *dd1_random_students(teacher)]

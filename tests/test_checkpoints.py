@@ -20,7 +20,7 @@ from ddcore.checkpoints import (
     unwrap_state_dict,
 )
 from ddcore.models.llamagen import GPT, gpt_config
-from ddcore.teachers.llamagen import load_llamagen_gpt
+from ddcore.teachers.llamagen.teacher import load_llamagen_gpt
 
 
 def _logits(gpt):

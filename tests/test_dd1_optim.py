@@ -10,7 +10,7 @@ import torch
 from dd1_toy import small_llamagen_teacher, small_train_params
 from var_helpers import small_var, small_vqvae
 
-from ddcore.dd1.optim import (
+from ddcore.training.optim import (
     NS_COEFFICIENTS,
     MuonWithAdamW,
     StackedMuon,
@@ -18,8 +18,8 @@ from ddcore.dd1.optim import (
     build_optimizer,
     orthogonalise,
 )
-from ddcore.dd1.student import DD1Student
-from ddcore.dd1.var_student import DD1VARStudent
+from ddcore.methods.dd1.student import DD1Student
+from ddcore.methods.dd1.var_student import DD1VARStudent
 from ddcore.params import ParamsError, TrainParams, load_preset
 
 

@@ -6,18 +6,18 @@ import pytest
 import torch
 from dd1_toy import chi2_pvalue, make_small_trajectories, small_llamagen_teacher
 
-from ddcore.dd1.baseline import OneStepBaselineSampler
-from ddcore.dd1.flowmap import FlowChooser, FlowSolver
-from ddcore.dd1.samplers import (
+from ddcore.samplers.baseline import OneStepBaselineSampler
+from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.methods.dd1.samplers import (
     DD1Sampler,
     DD1TeacherAssistedSampler,
     FlowTeacherSampler,
     build_samplers,
 )
-from ddcore.dd1.student import DD1Student
-from ddcore.dd1.train import train_student
+from ddcore.methods.dd1.student import DD1Student
+from ddcore.methods.dd1.train import train_student
 from ddcore.params import FlowParams, Preset, SamplingParams, StudentParams, TeacherParams, TrainParams
-from ddcore.samplers import ImageSampler, TeacherSampler
+from ddcore.samplers.base import ImageSampler, TeacherSampler
 
 SAMPLING = SamplingParams()
 FLOW = FlowParams(steps=16)

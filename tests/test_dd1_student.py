@@ -7,7 +7,7 @@ import torch
 from llamagen_helpers import small_gpt, small_gpt_config
 
 from ddcore.checkpoints import CheckpointError
-from ddcore.dd1.student import DD1Student, layer_sources, load_student_checkpoint
+from ddcore.methods.dd1.student import DD1Student, layer_sources, load_student_checkpoint
 from ddcore.models.llamagen import gpt_config
 
 D = 8

@@ -11,9 +11,9 @@ import torch
 from dd1_toy import make_small_trajectories, small_llamagen_teacher, small_train_params
 from safetensors.torch import load_file
 
-from ddcore.dd1.measure import jacobi_refinement, prefix_accuracy
-from ddcore.dd1.student import DD1Student, layer_sources
-from ddcore.dd1.train import (
+from ddcore.methods.dd1.measure import jacobi_refinement, prefix_accuracy
+from ddcore.methods.dd1.student import DD1Student, layer_sources
+from ddcore.methods.dd1.train import (
     LOG_COLUMNS,
     LPIPSUnavailable,
     dd1_loss,
@@ -23,7 +23,7 @@ from ddcore.dd1.train import (
     step_batch,
     train_student,
 )
-from ddcore.dd1.trajectories import TrajectoryDataset
+from ddcore.methods.dd1.trajectories import TrajectoryDataset
 from ddcore.params import FlowParams, SamplingParams, StudentParams
 
 SP = StudentParams(t_list=[0, 6], split_t=10)
@@ -219,7 +219,7 @@ def test_lpips_weight_needs_lpips(traj, tmp_path):
 
 
 def test_throughput_runs_the_stage_code_and_reports_consistent_figures(traj, tmp_path):
-    from ddcore.dd1.throughput import training_throughput, trajectory_throughput
+    from ddcore.methods.dd1.throughput import training_throughput, trajectory_throughput
     from ddcore.params import FlowParams, SamplingParams, TrajectoryParams
 
     teacher = small_llamagen_teacher(0)

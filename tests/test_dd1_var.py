@@ -11,14 +11,14 @@ import torch
 from dd1_toy import small_train_params
 from var_helpers import NUM_CLASSES, PATCH_NUMS, small_var, small_vqvae
 
-from ddcore.dd1.flowmap import FlowChooser, FlowSolver
-from ddcore.dd1.samplers import DD1Sampler, DD1TeacherAssistedSampler, FlowTeacherSampler
-from ddcore.dd1.students import load_student
-from ddcore.dd1.train import train_student
-from ddcore.dd1.trajectories import TrajectoryDataset, generate_trajectories
-from ddcore.dd1.var_student import DD1VARStudent
+from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.methods.dd1.samplers import DD1Sampler, DD1TeacherAssistedSampler, FlowTeacherSampler
+from ddcore.methods.dd1.students import load_student
+from ddcore.methods.dd1.train import train_student
+from ddcore.methods.dd1.trajectories import TrajectoryDataset, generate_trajectories
+from ddcore.methods.dd1.var_student import DD1VARStudent
 from ddcore.params import FlowParams, SamplingParams, StudentParams, TrainParams, TrajectoryParams
-from ddcore.teachers.var import VARTeacher
+from ddcore.teachers.var.teacher import VARTeacher
 
 SAMPLING = SamplingParams(cfg_scale=2.0, top_k=20, top_p=0.95)  # VAR's cfg ramp, top-k then top-p
 FLOW = FlowParams(steps=16)

@@ -8,8 +8,8 @@ import torch
 from var_helpers import PATCH_NUMS, small_var, small_vqvae
 
 from ddcore.checkpoints import CheckpointError
-from ddcore.dd1.student import layer_sources
-from ddcore.dd1.var_student import (
+from ddcore.methods.dd1.student import layer_sources
+from ddcore.methods.dd1.var_student import (
     DD1VARStudent,
     clone_var_student,
     load_var_student_checkpoint,

@@ -179,7 +179,7 @@ class GreedySampler:
 def test_evaluate_with_a_real_small_llamagen_teacher(tmp_path):
     from llamagen_helpers import three_class_teacher
 
-    from ddcore.samplers import TeacherSampler
+    from ddcore.samplers.base import TeacherSampler
     from ddcore.tiny.evaluator import EvaluatorConfig, TinyEvaluator
 
     teacher = three_class_teacher()

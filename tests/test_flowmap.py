@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from dd1_toy import MarkovTeacher, chi2_pvalue
 
 from ddcore import dirac
-from ddcore.dd1 import flowmap
-from ddcore.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.methods.dd1 import flowmap
+from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
 from ddcore.params import FlowParams, SamplingParams
 from ddcore.sampling import MultinomialChooser
 
@@ -193,7 +193,7 @@ def test_flow_chooser_matches_multinomial_in_ar_teacher(params):
 
 
 def test_measurement_tool():
-    from ddcore.dd1.measure import flow_agreement_table, teacher_token_distributions
+    from ddcore.methods.dd1.measure import flow_agreement_table, teacher_token_distributions
 
     teacher = MarkovTeacher(seq_len=5, vocab=8, dim=4)
     probs = teacher_token_distributions(teacher, SamplingParams(), n=40, batch=4)

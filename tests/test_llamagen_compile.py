@@ -12,9 +12,9 @@ from llamagen_helpers import NUM_CLASSES, small_gpt, small_vq
 from torch._dynamo.utils import counters
 
 from ddcore.params import SamplingParams
-from ddcore.samplers import TeacherSampler
+from ddcore.samplers.base import TeacherSampler
 from ddcore.sampling import GreedyChooser
-from ddcore.teachers.llamagen import LlamaGenTeacher
+from ddcore.teachers.llamagen.teacher import LlamaGenTeacher
 
 IMAGE = 8  # 4x4 tokens, VQ stride 2
 LABELS = torch.tensor([2, 7])

@@ -7,7 +7,7 @@ from llamagen_helpers import NUM_CLASSES, small_gpt, small_gpt_config, small_vq,
 from ddcore.checkpoints import CheckpointError, save_model
 from ddcore.params import SamplingParams
 from ddcore.sampling import GreedyChooser, cfg_logits, logits_to_probs, top_p_filter
-from ddcore.teachers.llamagen import (
+from ddcore.teachers.llamagen.teacher import (
     LlamaGenTeacher,
     build_llamagen_teacher_from_dir,
     load_llamagen_teacher,

@@ -104,7 +104,7 @@ def test_registry_covers_the_llamagen_teachers():
     assert get_checkpoint("llamagen-3b-384").layout == "raw"
     assert get_checkpoint("vq-ds16-c2i").filename == "vq_ds16_c2i.pt"
     assert get_checkpoint("vq-ds8-c2i").config == "VQ-8"
-    # VAR entries appear once ddcore.teachers.var is imported; they never shadow a LlamaGen name
+    # VAR entries appear once ddcore.teachers.var.teacher is imported; they never shadow a LlamaGen name
     assert all(KNOWN_CHECKPOINTS[n].family == "var" for n in KNOWN_CHECKPOINTS if n.startswith("var"))
     with pytest.raises(KeyError, match="unknown checkpoint"):
         get_checkpoint("llamagen-q")

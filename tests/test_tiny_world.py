@@ -11,7 +11,7 @@ import torch
 
 from ddcore.checkpoints import CheckpointError
 from ddcore.params import SamplingParams, TinyWorldParams, load_preset
-from ddcore.teachers.llamagen import LlamaGenTeacher
+from ddcore.teachers.llamagen.teacher import LlamaGenTeacher
 from ddcore.tiny.data import make_dataset, make_dataset_with_attributes, to_model_range, to_unit
 from ddcore.tiny.evaluator import (
     EvaluatorConfig,
@@ -22,7 +22,7 @@ from ddcore.tiny.evaluator import (
     save_evaluator,
     train_evaluator,
 )
-from ddcore.tiny.world import check_quality, load_tiny_world, prepare_tiny_world, stage_hashes
+from ddcore.teachers.llamagen.tiny_world import check_quality, load_tiny_world, prepare_tiny_world, stage_hashes
 
 PARTS = ("evaluator", "vq", "tokens", "gpt", "quality")
 FILES = [f"{p}.{ext}" for p in ("evaluator", "vq", "tokens", "gpt") for ext in ("safetensors", "json")]
@@ -155,9 +155,9 @@ def test_micro_world_loads_back_strictly(prepared, micro):
     assert evaluator(images).shape == (3, micro.num_classes)
     # the saved GPT reproduces the training run's held-out NLL exactly (weights loaded, not re-initialised)
     report = json.loads((out / "world.json").read_text())
-    from ddcore.tiny.train_gpt import mean_nll
-    from ddcore.tiny.train_vq import tokenize
-    from ddcore.tiny.world import HOLDOUT_SEED_OFFSET
+    from ddcore.teachers.llamagen.tiny_gpt import mean_nll
+    from ddcore.teachers.llamagen.tiny_vq import tokenize
+    from ddcore.teachers.llamagen.tiny_world import HOLDOUT_SEED_OFFSET
 
     held, held_labels = make_dataset(
         micro.holdout_images, micro.image_size, micro.num_classes, micro.seed + HOLDOUT_SEED_OFFSET

@@ -10,8 +10,8 @@ import torch
 from dd1_toy import MarkovTeacher, generate_toy_shards
 from safetensors.torch import load_file
 
-from ddcore.dd1.flowmap import FlowChooser, FlowSolver
-from ddcore.dd1.trajectories import (
+from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.methods.dd1.trajectories import (
     TrajectoryDataset,
     TrajectoryError,
     build_xt,

@@ -12,7 +12,7 @@ from var_helpers import PATCH_NUMS, random_images, small_var, small_var_config, 
 from ddcore.checkpoints import CheckpointError, load_strict
 from ddcore.models.var import VAR, VARConfig, var_config
 from ddcore.models.var_vqvae import OFFICIAL_PHI_INDEX, VQVAE, Phi, VQVAEConfig, phi_index_list
-from ddcore.teachers.var import suggest_var
+from ddcore.teachers.var.teacher import suggest_var
 
 # ---------------------------------------------------------------------------------------------
 # official layout (meta device: no memory)

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from ddcore.dd1.students import load_student
-from ddcore.dd1.var_student import DD1VARStudent
+from ddcore.methods.dd1.students import load_student
+from ddcore.methods.dd1.var_student import DD1VARStudent
 from ddcore.params import load_preset
 from ddcore.stages import (
     bench_stage,
@@ -22,7 +22,7 @@ from ddcore.stages import (
     load_teacher,
     prepare_teacher,
 )
-from ddcore.tiny.var_world import check_var_quality, scale_prefix_accuracy
+from ddcore.teachers.var.tiny_world import check_var_quality, scale_prefix_accuracy
 
 PRESET = "micro-var"
 

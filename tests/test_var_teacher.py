@@ -10,7 +10,7 @@ from ddcore.checkpoints import CheckpointError
 from ddcore.params import SamplingParams
 from ddcore.sampling import GreedyChooser, top_k_filter
 from ddcore.sources import find_checkpoint
-from ddcore.teachers.var import (
+from ddcore.teachers.var.teacher import (
     VARTeacher,
     build_var_teacher_from_dir,
     load_var_teacher,

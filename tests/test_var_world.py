@@ -9,9 +9,9 @@ from var_helpers import random_images, small_var_config, small_vq_config, small_
 
 from ddcore.models.var import VAR
 from ddcore.params import TinyWorldParams
-from ddcore.teachers.var import VARTeacher
+from ddcore.teachers.var.teacher import VARTeacher
 from ddcore.tiny.data import make_dataset, to_model_range
-from ddcore.tiny.var_world import (
+from ddcore.teachers.var.tiny_world import (
     encode_images,
     init_var_weights,
     tiny_var_configs,

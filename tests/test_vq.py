@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from llamagen_helpers import small_vq, small_vq_config
 
 from ddcore.models.vq import VQ_CONFIGS, VQConfig, VQModel
-from ddcore.teachers.llamagen import load_llamagen_vq
+from ddcore.teachers.llamagen.teacher import load_llamagen_vq
 
 
 def meta_vq(name: str) -> VQModel:

@@ -19,117 +19,22 @@ extrapolated time is a lower bound). VAR is never extrapolated: its 10 steps dif
 
 from __future__ import annotations
 
-import os
-import platform
-import statistics
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ddcore.eval.report import render_results_table, write_json  # noqa: F401  (re-exported)
+from ddcore.eval.timing import Timed, machine_info, peak_memory, time_in_turns  # noqa: F401
 from ddcore.params import BenchParams, SamplingParams
-from ddcore.samplers import COMPILED_SUFFIX
-
-# case -> (family, architecture)
-RANDOM_CASES = {
-    "llamagen-b-random": ("llamagen", "GPT-B"),
-    "llamagen-l-random": ("llamagen", "GPT-L"),
-    "var-d16-random": ("var", "var-d16"),
-}
-# the teacher settings DD1 distils: LlamaGen cfg 2.0, top-k 8000; VAR cfg 2.0, top-k 900, top-p 0.95
-LLAMAGEN_SAMPLING = SamplingParams(cfg_scale=2.0, top_k=8000)
-VAR_SAMPLING = SamplingParams(cfg_scale=2.0, top_k=900, top_p=0.95)
+from ddcore.samplers.base import COMPILED_SUFFIX
+from ddcore.teachers.registry import random_case_family, random_case_names
 
 
 # --------------------------------------------------------------------------------------------
-# machine and measurement helpers
+# inputs
 # --------------------------------------------------------------------------------------------
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "cpu_model": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cuda_device": None,
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextmanager
-def peak_memory(device: torch.device | str):
-    """Yield a dict that receives the peak extra memory of the block, in MB, and how it was measured,
-    plus the absolute peak (`peak_total_mb`): memory an allocator already holds from earlier work
-    is reused and does not show in the extra, but is part of what the block needs.
-
-    CUDA: `torch.cuda.max_memory_allocated` above the allocation at entry (tensors only, exact).
-    CPU: resident set size sampled every 2 ms from /proc/self/statm, peak above the RSS at entry
-    (includes allocator caching and can miss spikes shorter than the interval).
-    """
-    out: dict = {}
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        yield out
-        torch.cuda.synchronize(dev)
-        out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-        out["peak_total_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-        out["peak_mem_kind"] = "cuda_max_memory_allocated"
-        return
-    if not os.path.exists("/proc/self/statm"):
-        yield out
-        out["peak_mem_mb"], out["peak_mem_kind"] = None, "unavailable"
-        return
-    base = _rss_bytes()
-    peak = [base]
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            stop.wait(0.002)
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        th.join()
-        peak[0] = max(peak[0], _rss_bytes())
-        out["peak_mem_mb"] = (peak[0] - base) / 2**20
-        out["peak_total_mb"] = peak[0] / 2**20
-        out["peak_mem_kind"] = "cpu_rss_sampled"
-
-
 def _inputs(num_classes: int, batch: int) -> tuple[torch.Tensor, list[int]]:
     g = torch.Generator().manual_seed(batch)
     return torch.randint(0, num_classes, (batch,), generator=g), [9_000_000 + i for i in range(batch)]
@@ -157,7 +62,7 @@ def _teacher_of(samplers: Sequence) -> tuple[object | None, object | None]:
     Only an exact TeacherSampler counts: subclasses such as the flow-chooser teacher draw their
     tokens differently and are timed as black boxes like any other sampler.
     """
-    from ddcore.samplers import TeacherSampler
+    from ddcore.samplers.base import TeacherSampler
 
     for s in samplers:
         if type(s) is TeacherSampler:
@@ -166,46 +71,6 @@ def _teacher_of(samplers: Sequence) -> tuple[object | None, object | None]:
         if getattr(s, "teacher", None) is not None:
             return None, s.teacher
     return None, None
-
-
-@dataclass
-class Timed:
-    """One thing to time (a sampler's images(), the teacher's generation, a VQ decode)."""
-
-    fn: Callable[[], Any]
-    device: Any
-    times: list[float] = field(default_factory=list)
-    mem: dict = field(default_factory=dict)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-
-def time_in_turns(jobs: Mapping[str, Timed], repeats: int, warmup: int, progress: str | None = None) -> None:
-    """Warm every job up, then time them in turns: each round calls every job once, and each
-    job's figure is the median of its rounds. A slow spell of a shared machine then falls on
-    every sampler of the round alike instead of on whichever one was being timed, so the
-    ratios stay comparable. Peak memory is traced afterwards on one more call per job: on CPU
-    the memory watcher is a thread waking every 2 ms, and inside the timed runs it would take
-    a core from the 2 intra-op threads and the GIL from the caller."""
-    with torch.inference_mode():
-        for name, job in jobs.items():
-            if progress:
-                print(f"[bench {progress}] warm-up: {name}", flush=True)
-            for _ in range(warmup):
-                job.fn()
-        for _ in range(max(1, repeats)):
-            for job in jobs.values():
-                _sync()
-                t0 = time.perf_counter()
-                job.fn()
-                _sync()
-                job.times.append(time.perf_counter() - t0)
-        for job in jobs.values():
-            with peak_memory(job.device) as mem:
-                job.fn()
-            job.mem = mem
 
 
 def _decode_job(teacher, batch: int) -> Timed:
@@ -376,28 +241,14 @@ def bench_case(
 
 
 # --------------------------------------------------------------------------------------------
-# random-weight published architectures (LlamaGen, VAR)
+# random-weight published architectures (each family registers its cases)
 # --------------------------------------------------------------------------------------------
 def random_teacher(case: str, device: str | torch.device = "cpu"):
     """A published architecture (and its tokenizer) with random weights, as a `Teacher`."""
-    if case not in RANDOM_CASES:
-        raise ValueError(f"unknown random case {case!r}; allowed: {', '.join(RANDOM_CASES)}")
-    family, arch = RANDOM_CASES[case]
-    torch.manual_seed(0)
-    if family == "var":
-        from ddcore.models.var import VAR, var_config
-        from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
-        from ddcore.teachers.var import VARTeacher
-
-        return VARTeacher(VAR(var_config(arch)).eval(), VQVAE(VQVAEConfig()).eval()).to(device)
-    from ddcore.models.llamagen import GPT, gpt_config
-    from ddcore.models.vq import VQ_CONFIGS, VQModel
-    from ddcore.teachers.llamagen import LlamaGenTeacher
-
-    gpt = GPT(gpt_config(arch)).eval()
-    return LlamaGenTeacher(gpt, VQModel(VQ_CONFIGS["VQ-16"]).eval(), num_classes=1000, image_size=256).to(
-        device
-    )
+    family = random_case_family(case)
+    if family is None:
+        raise ValueError(f"unknown random case {case!r}; allowed: {', '.join(random_case_names())}")
+    return family.random_cases[case](str(device))
 
 
 def random_case_samplers(
@@ -406,40 +257,15 @@ def random_case_samplers(
     sampling: SamplingParams | None = None,
     student_builder: Callable[[object], Sequence] | None = None,
 ) -> list:
-    """The teacher (and, given `student_builder(teacher)`, students) of a random-weight case."""
-    from ddcore.samplers import TeacherSampler
+    """The teacher (and, given `student_builder(teacher)`, students) of a random-weight case,
+    sampled as the family's published teachers are distilled (`Family.bench_sampling`)."""
+    from ddcore.samplers.base import TeacherSampler
 
     teacher = random_teacher(case, device)
-    if sampling is None:
-        sampling = VAR_SAMPLING if teacher.family == "var" else LLAMAGEN_SAMPLING
-    samplers = [TeacherSampler(teacher, sampling)]
+    samplers = [TeacherSampler(teacher, sampling or random_case_family(case).bench_sampling)]
     if student_builder is not None:
         samplers += list(student_builder(teacher))
     return samplers
-
-
-# DD1's released settings: LlamaGen split_t by model width (B 80, L 130), t2 = 80 tokens;
-# VAR (t2, split_t) in scales by depth (d16: 5, 5; d20 / d24: 4, 4)
-DD1_LLAMAGEN_SPLIT = {768: 80, 1024: 130}
-DD1_LLAMAGEN_T2 = 80
-DD1_VAR_T2_SPLIT = {16: (5, 5), 20: (4, 4), 24: (4, 4)}
-
-
-def dd1_random_students(teacher) -> list:
-    """DD1 1-step and 2-step samplers with a student initialised from the (random) teacher."""
-    from ddcore.dd1.samplers import DD1Sampler
-    from ddcore.dd1.students import new_student
-
-    student = new_student(teacher)
-    steps = student.num_steps
-    if teacher.family == "var":
-        t2, split = DD1_VAR_T2_SPLIT.get(teacher.var.cfg.depth, (steps // 2, steps))
-    else:
-        t2, split = min(DD1_LLAMAGEN_T2, steps - 1), DD1_LLAMAGEN_SPLIT.get(teacher.gpt.cfg.dim, steps)
-    return [
-        DD1Sampler(student, teacher, "1step", split_t=split),
-        DD1Sampler(student, teacher, "2step", t2=t2, split_t=split),
-    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +282,7 @@ def bench_samplers(
     max_tokens: int | None = None,
     random_case_batch_sizes: Sequence[int] | None = None,
     random_case_max_tokens: int | None = None,
-    student_builder: Callable[[object], Sequence] | None = dd1_random_students,
+    student_builder: Callable[[object], Sequence] | None = None,
     extra: Mapping[str, Any] | None = None,
     compile: bool | None = None,
     progress: bool = True,
@@ -464,8 +290,8 @@ def bench_samplers(
     """Benchmark `samplers` (and any random-architecture cases) and write `out_dir`/bench.json.
 
     `params` is the preset's BenchParams, or just a case name for `samplers`. In `params.cases`,
-    names from RANDOM_CASES build random-weight teachers, with the students that
-    `student_builder(teacher)` returns (default: DD1 1-/2-step); the first other name labels
+    the families' random-case names build random-weight teachers, with the students that
+    `student_builder(teacher)` returns (the pipeline passes the method's); the first other name labels
     `samplers` (default "world"). On CPU the random cases default to batch sizes (1, 2) and, for
     LlamaGen, timing 16 tokens (extrapolated, labelled); on CUDA to the full (1, throughput_batch) run.
     `compile` (default: `params.compile`, else on when CUDA is available) adds the `compiled()`
@@ -481,7 +307,7 @@ def bench_samplers(
     bs = tuple(batch_sizes or (1, params.throughput_batch))
     reps = params.repeats if repeats is None else repeats
     warm = params.warmup if warmup is None else warmup
-    own = [c for c in params.cases if c not in RANDOM_CASES]
+    own = [c for c in params.cases if random_case_family(c) is None]
     if len(own) > 1:
         raise ValueError(f"only one case can label the given samplers, got {own}")
     cases: dict[str, dict] = {}
@@ -490,14 +316,16 @@ def bench_samplers(
             samplers, own[0] if own else "preset", bs, reps, warm, max_tokens, progress, compile
         )
     for name in params.cases:
-        if name not in RANDOM_CASES:
+        if random_case_family(name) is None:
             continue
         device = "cuda" if on_cuda else "cpu"
         rbs = tuple(random_case_batch_sizes or ((1, params.throughput_batch) if on_cuda else (1, 2)))
         rtok = random_case_max_tokens if random_case_max_tokens is not None else (None if on_cuda else 16)
-        if RANDOM_CASES[name][0] == "var":
-            rtok = None  # scales differ in size: never extrapolated
         rs = random_case_samplers(name, device, student_builder=student_builder)
+        if len(set(rs[0].teacher.step_sizes)) > 1:
+            rtok = (
+                None  # steps differ in size (VAR's scales): a per-token rate says nothing, never extrapolated
+            )
         cases[name] = bench_case(
             rs, name, rbs, reps if on_cuda else min(reps, 2), warm, rtok, progress, compile
         )

@@ -105,7 +105,7 @@ def build_reference(
 def _find_teacher_sampler(samplers: Sequence) -> object | None:
     """The teacher's own multinomial sampler: named "teacher", else an exact TeacherSampler
     (subclasses such as the flow-chooser teacher are students' targets, not the reference)."""
-    from ddcore.samplers import TeacherSampler
+    from ddcore.samplers.base import TeacherSampler
 
     by_name = [s for s in samplers if s.name == "teacher"]
     exact = [s for s in samplers if type(s) is TeacherSampler]

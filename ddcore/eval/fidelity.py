@@ -278,7 +278,7 @@ def sample_tokens_and_images(
     both = getattr(sampler, "tokens_and_images", None)
     if callable(both):
         return both(labels, seeds)
-    from ddcore.samplers import TeacherSampler
+    from ddcore.samplers.base import TeacherSampler
 
     tokens = sampler.tokens(labels, seeds)
     if decode is not None and type(sampler) is TeacherSampler:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ddcore.checkpoints import atomic_path, atomic_write_json
-from ddcore.samplers import COMPILED_SUFFIX
+from ddcore.samplers.base import COMPILED_SUFFIX
 
 
 def json_clean(obj: Any) -> Any:

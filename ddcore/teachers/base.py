@@ -15,12 +15,14 @@ the teacher's own sampler; the DD1 flow chooser replaces only that draw.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from ddcore.hashing import update_with_tensor
 from ddcore.params import SamplingParams
 from ddcore.sampling import MultinomialChooser, TokenChooser, sample_noise
 
@@ -143,3 +145,24 @@ class Teacher(ABC):
 
     def sample(self, labels: Tensor, seeds: Sequence[int], params: SamplingParams, chooser=None) -> Tensor:
         return self.generate(labels, params, self.noise(seeds), chooser)
+
+
+def teacher_fingerprint(teacher: Teacher) -> str:
+    """sha256 (16 hex) of what defines the teacher: family, structure, codebook and all weights.
+
+    Weights are every nn.Module / Tensor attribute of the teacher object (LlamaGen: gpt, vq),
+    in a fixed order, so the same checkpoint always gives the same fingerprint.
+    """
+    h = hashlib.sha256()
+    h.update(f"{teacher.family}|{teacher.step_sizes}|{teacher.num_classes}".encode())
+    update_with_tensor(h, teacher.codebook.float())
+    for name in sorted(vars(teacher)):
+        obj = vars(teacher)[name]
+        if isinstance(obj, torch.nn.Module):
+            for k, v in sorted(obj.state_dict().items()):
+                h.update(f"{name}.{k}".encode())
+                update_with_tensor(h, v)
+        elif isinstance(obj, Tensor) and not name.startswith("_codebook"):
+            h.update(name.encode())
+            update_with_tensor(h, obj)
+    return h.hexdigest()[:16]

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from ddcore.checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
-from ddcore.dd1.student import FinalLayer, StudentReadout, layer_sources
+from ddcore.methods.dd1.student import FinalLayer, StudentReadout, layer_sources
 from ddcore.models.var import VAR, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig
-from ddcore.teachers.var import suggest_var
+from ddcore.teachers.var.teacher import suggest_var
 
 __all__ = [
     "DD1VARStudent",

@@ -1,4 +1,5 @@
-"""DD1 few-step samplers (ImageSampler implementations) and the sampler factory of a preset.
+"""DD1 few-step samplers (ImageSampler implementations) and their names (`SAMPLERS`, the specs the
+sampler factory `ddcore.samplers.registry` matches).
 
 All samplers draw each image's noise eps (L, d) from its seed (rounded to fp16, as in the
 trajectory data), so a DD1 sample and the flow-map teacher sample with the same seed are the
@@ -24,40 +25,21 @@ indices before split_t and the nearest codebook entry of the continuous output a
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ddcore.dd1.baseline import OneStepBaselineSampler, load_marginals
-from ddcore.dd1.flowmap import FlowChooser, FlowSolver
-from ddcore.dd1.student import StudentReadout
-from ddcore.dd1.students import load_student
-from ddcore.dd1.trajectories import build_xt
+from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.methods.dd1.student import StudentReadout
+from ddcore.methods.dd1.students import load_student, new_student, student_spec
+from ddcore.methods.dd1.trajectories import build_xt
 from ddcore.params import FlowParams, SamplingParams
-from ddcore.samplers import TeacherSampler, compiled_variant
+from ddcore.samplers.base import SamplerContext, SamplerSpec, TeacherSampler, compiled_variant
 from ddcore.teachers.base import Teacher
 
-__all__ = [
-    "DD1Sampler",
-    "DD1TeacherAssistedSampler",
-    "FlowTeacherSampler",
-    "SAMPLER_NAMES",
-    "build_samplers",
-]
-
-SAMPLER_NAMES = (
-    "teacher",
-    "teacher-flow",
-    "dd1-1step",
-    "dd1-2step",
-    "dd1-teacher-<n>-<m>",
-    "onestep-baseline",
-)
-_TEACHER_ASSISTED = re.compile(r"^dd1-teacher-(\d+)-(\d+)$")
+__all__ = ["DD1Sampler", "DD1TeacherAssistedSampler", "FlowTeacherSampler", "SAMPLERS", "random_students"]
 
 
 def _noise(teacher: Teacher, seeds: Sequence[int]) -> Tensor:
@@ -201,50 +183,52 @@ class FlowTeacherSampler(TeacherSampler):
         return tok, self.teacher.decode(tok)
 
 
-def build_samplers(names: Sequence[str], teacher: Teacher, student_dir: str | os.PathLike, preset) -> list:
-    """The `ImageSampler`s named in `names` (see SAMPLER_NAMES) for a preset's teacher and student."""
-    student_dir = Path(student_dir)
-    cache: dict = {}
+def _student(ctx: SamplerContext) -> tuple[StudentReadout, dict]:
+    """The preset's trained student, loaded once per context."""
+    if "dd1-student" not in ctx.cache:
+        ctx.cache["dd1-student"] = load_student(ctx.student_dir, ctx.teacher, device=ctx.teacher.device)
+    return ctx.cache["dd1-student"]
 
-    def student() -> tuple[StudentReadout, dict]:
-        if "s" not in cache:
-            cache["s"] = load_student(student_dir, teacher, device=teacher.device)
-        return cache["s"]
 
-    out = []
-    for name in names:
-        if name == "teacher":
-            out.append(TeacherSampler(teacher, preset.teacher.sampling))
-        elif name == "teacher-flow":
-            out.append(FlowTeacherSampler(teacher, preset.teacher.sampling, preset.flow))
-        elif name == "onestep-baseline":
-            out.append(OneStepBaselineSampler(load_marginals(student_dir), teacher))
-        elif name in ("dd1-1step", "dd1-2step"):
-            s, meta = student()
-            t_list = meta["t_list"]
-            mode = name.removeprefix("dd1-")
-            if mode == "2step" and len(t_list) < 2:
-                raise ValueError(
-                    f"{name}: the student was trained with t_list {t_list}; 2-step needs a second t"
-                )
-            out.append(
-                DD1Sampler(
-                    s, teacher, mode, t2=t_list[1] if mode == "2step" else None, split_t=meta["split_t"]
-                )
-            )
-        elif m := _TEACHER_ASSISTED.match(name):
-            s, meta = student()
-            out.append(
-                DD1TeacherAssistedSampler(
-                    s,
-                    teacher,
-                    int(m.group(1)),
-                    int(m.group(2)),
-                    preset.teacher.sampling,
-                    preset.flow,
-                    meta["split_t"],
-                )
-            )
-        else:
-            raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}")
-    return out
+def _few_step(m: re.Match, ctx: SamplerContext) -> DD1Sampler:
+    s, meta = _student(ctx)
+    t_list, mode = meta["t_list"], m.group(1)
+    if mode == "2step" and len(t_list) < 2:
+        raise ValueError(
+            f"{m.group(0)}: the student was trained with t_list {t_list}; 2-step needs a second t"
+        )
+    return DD1Sampler(
+        s, ctx.teacher, mode, t2=t_list[1] if mode == "2step" else None, split_t=meta["split_t"]
+    )
+
+
+def _teacher_assisted(m: re.Match, ctx: SamplerContext) -> DD1TeacherAssistedSampler:
+    s, meta = _student(ctx)
+    p = ctx.preset
+    return DD1TeacherAssistedSampler(
+        s, ctx.teacher, int(m.group(1)), int(m.group(2)), p.teacher.sampling, p.dd1.flow, meta["split_t"]
+    )
+
+
+SAMPLERS = (
+    SamplerSpec(
+        "teacher-flow",
+        "teacher-flow",
+        lambda m, c: FlowTeacherSampler(c.teacher, c.preset.teacher.sampling, c.preset.dd1.flow),
+        reads=("dd1.flow",),
+    ),
+    SamplerSpec("dd1-(1step)", "dd1-1step", _few_step),
+    SamplerSpec("dd1-(2step)", "dd1-2step", _few_step),
+    SamplerSpec(r"dd1-teacher-(\d+)-(\d+)", "dd1-teacher-<n>-<m>", _teacher_assisted, reads=("dd1.flow",)),
+)
+
+
+def random_students(teacher: Teacher) -> list:
+    """DD1 1-step and 2-step samplers with a student initialised from a (random-weight) published
+    architecture, at DD1's released (t2, split_t) for it: what the benchmark times."""
+    student = new_student(teacher)
+    t2, split = student_spec(teacher.family).released(teacher, student.num_steps)
+    return [
+        DD1Sampler(student, teacher, "1step", split_t=split),
+        DD1Sampler(student, teacher, "2step", t2=t2, split_t=split),
+    ]

@@ -1,7 +1,7 @@
 """Measurements behind the DD1 choices in docs/dd1.md (reproducible from the command line).
 
-    python -m ddcore.dd1.measure flow --teacher-dir models/tiny/teacher [--n 4000]
-    python -m ddcore.dd1.measure jacobi --teacher-dir models/tiny/teacher \
+    python -m ddcore.methods.dd1.measure flow --teacher-dir models/tiny/teacher [--n 4000]
+    python -m ddcore.methods.dd1.measure jacobi --teacher-dir models/tiny/teacher \
         --traj-dir data/tiny/trajectories [--student-dir models/tiny/student] [--pairs 500]
 
 `flow`: agreement of cheaper flow-map solvers with a 1024-step Heun reference on the teacher's
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ddcore.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
 from ddcore.params import FlowParams, SamplingParams
 from ddcore.teachers.base import Teacher
 
@@ -108,9 +108,9 @@ def jacobi_refinement(
 
 @torch.no_grad()
 def _jacobi(args: argparse.Namespace) -> None:
-    from ddcore.dd1.students import load_student
-    from ddcore.dd1.trajectories import TrajectoryDataset
-    from ddcore.teachers.llamagen import build_llamagen_teacher_from_dir
+    from ddcore.methods.dd1.students import load_student
+    from ddcore.methods.dd1.trajectories import TrajectoryDataset
+    from ddcore.teachers.llamagen.teacher import build_llamagen_teacher_from_dir
 
     teacher = build_llamagen_teacher_from_dir(args.teacher_dir)
     ds = TrajectoryDataset(args.traj_dir)
@@ -129,7 +129,7 @@ def _jacobi(args: argparse.Namespace) -> None:
 
 
 def _main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m ddcore.dd1.measure")
+    ap = argparse.ArgumentParser(prog="python -m ddcore.methods.dd1.measure")
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("flow", help="flow-map solver accuracy vs a 1024-step reference")
     f.add_argument("--teacher-dir", required=True)
@@ -145,7 +145,7 @@ def _main() -> None:
     args = ap.parse_args()
     if args.cmd == "jacobi":
         return _jacobi(args)
-    from ddcore.teachers.llamagen import build_llamagen_teacher_from_dir
+    from ddcore.teachers.llamagen.teacher import build_llamagen_teacher_from_dir
 
     teacher = build_llamagen_teacher_from_dir(args.teacher_dir)
     params = SamplingParams(**json.loads(args.sampling))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -42,9 +41,10 @@ import torch
 from torch import Tensor
 
 from ddcore.checkpoints import atomic_path, atomic_write_json
-from ddcore.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.hashing import json_digest, seed_from, sha256_file
+from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
 from ddcore.params import FlowParams, SamplingParams, TrajectoryParams
-from ddcore.teachers.base import Teacher
+from ddcore.teachers.base import Teacher, teacher_fingerprint
 
 __all__ = [
     "FORMAT_VERSION",
@@ -76,40 +76,12 @@ class TrajectoryError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # identities
 # --------------------------------------------------------------------------------------------
-def _hash_tensor(h, t: Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    # flattened first: a size-1 dim of a channels-last weight may carry any stride
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def teacher_fingerprint(teacher: Teacher) -> str:
-    """sha256 (16 hex) of what defines the teacher: family, structure, codebook and all weights.
-
-    Weights are every nn.Module / Tensor attribute of the teacher object (LlamaGen: gpt, vq),
-    in a fixed order, so the same checkpoint always gives the same fingerprint.
-    """
-    h = hashlib.sha256()
-    h.update(f"{teacher.family}|{teacher.step_sizes}|{teacher.num_classes}".encode())
-    _hash_tensor(h, teacher.codebook.float())
-    for name in sorted(vars(teacher)):
-        obj = vars(teacher)[name]
-        if isinstance(obj, torch.nn.Module):
-            for k, v in sorted(obj.state_dict().items()):
-                h.update(f"{name}.{k}".encode())
-                _hash_tensor(h, v)
-        elif isinstance(obj, Tensor) and not name.startswith("_codebook"):
-            h.update(name.encode())
-            _hash_tensor(h, obj)
-    return h.hexdigest()[:16]
-
-
 def config_fingerprint(
     teacher_fp: str, sampling: SamplingParams, flow: FlowParams, traj: TrajectoryParams
 ) -> str:
     """What a shard's content depends on. The batch size is a speed knob and is left out, and so
     is num_pairs: shard i holds the same pairs whatever the total, so a set can be extended."""
-    blob = json.dumps(
+    return json_digest(
         {
             "version": FORMAT_VERSION,
             "teacher": teacher_fp,
@@ -117,25 +89,18 @@ def config_fingerprint(
             "flow": flow.model_dump(mode="json"),
             "shard_size": traj.shard_size,
             "seed": traj.seed,
-        },
-        sort_keys=True,
+        }
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _hash_int(*parts) -> int:
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def pair_seeds(seed: int, shard_id: int, count: int) -> list[int]:
     """Per-pair noise seeds: a hash of (trajectory seed, shard id, index in shard)."""
-    return [_hash_int("dd1-noise", seed, shard_id, j) for j in range(count)]
+    return [seed_from("dd1-noise", seed, shard_id, j) for j in range(count)]
 
 
 def shard_labels(seed: int, shard_id: int, count: int, num_classes: int) -> Tensor:
     """Class labels, uniform over classes, drawn from the shard's own generator."""
-    g = torch.Generator().manual_seed(_hash_int("dd1-labels", seed, shard_id))
+    g = torch.Generator().manual_seed(seed_from("dd1-labels", seed, shard_id))
     return torch.randint(0, num_classes, (count,), generator=g)
 
 
@@ -223,14 +188,6 @@ def _shard_paths(out_dir: Path, shard_id: int) -> tuple[Path, Path]:
     return out_dir / f"{stem}.safetensors", out_dir / f"{stem}.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _valid_shard(
     out_dir: Path, shard_id: int, config: str, count: int, replace: bool = False
 ) -> ShardInfo | None:
@@ -253,7 +210,7 @@ def _valid_shard(
         )
     if m["info"].get("count") != count:
         return None
-    if data.stat().st_size != m.get("bytes") or _sha256(data) != m.get("sha256"):
+    if data.stat().st_size != m.get("bytes") or sha256_file(data) != m.get("sha256"):
         return None
     return ShardInfo(**m["info"])
 
@@ -345,7 +302,7 @@ def _generate_shard(
         start=start,
         count=count,
         file=data.name,
-        sha256=_sha256(data),
+        sha256=sha256_file(data),
         bytes=data.stat().st_size,
         seconds=round(seconds, 3),
         pairs_per_s=round(count / seconds, 3),

@@ -41,6 +41,9 @@ from ddcore.checkpoints import (
 from ddcore.models.llamagen import GPT, GPTConfig
 from ddcore.models.vq import VQConfig, VQModel
 from ddcore.params import SamplingParams, TinyWorldParams
+from ddcore.teachers.llamagen.catalogue import suggest_llamagen
+from ddcore.teachers.llamagen.tiny_gpt import gpt_config_for, mean_nll, train_gpt
+from ddcore.teachers.llamagen.tiny_vq import codebook_usage, reconstruct, tokenize, train_vq, vq_config_for
 from ddcore.tiny.data import (
     CLASS_NAMES,
     make_dataset,
@@ -59,8 +62,6 @@ from ddcore.tiny.evaluator import (
     save_evaluator,
     train_evaluator,
 )
-from ddcore.tiny.train_gpt import gpt_config_for, mean_nll, train_gpt
-from ddcore.tiny.train_vq import codebook_usage, reconstruct, tokenize, train_vq, vq_config_for
 
 log = logging.getLogger("ddcore.tiny")
 
@@ -257,7 +258,7 @@ def prepare_tiny_world(
 
         def load_vq(meta: dict) -> VQModel:
             model = VQModel(VQConfig.from_dict(meta["config"]))
-            return load_safetensors_model(out / "vq", model, what="tiny VQ").eval()
+            return load_safetensors_model(out / "vq", model, what="tiny VQ", suggest=suggest_llamagen).eval()
 
         def build_vq() -> tuple[VQModel, dict]:
             model, stats = train_vq(
@@ -300,7 +301,9 @@ def prepare_tiny_world(
 
         def load_gpt(meta: dict) -> GPT:
             model = GPT(GPTConfig.from_dict(meta["config"]))
-            return load_safetensors_model(out / "gpt", model, what="tiny GPT").eval()
+            return load_safetensors_model(
+                out / "gpt", model, what="tiny GPT", suggest=suggest_llamagen
+            ).eval()
 
         def build_gpt() -> tuple[GPT, dict]:
             model, stats = train_gpt(
@@ -331,7 +334,7 @@ def prepare_tiny_world(
         quality = _read_json(qpath)
         was = quality is not None and quality.get("hash") == hashes["quality"]
         if not was:
-            from ddcore.teachers.llamagen import LlamaGenTeacher
+            from ddcore.teachers.llamagen.teacher import LlamaGenTeacher
 
             teacher = LlamaGenTeacher(gpt, vq, num_classes=world.num_classes, image_size=world.image_size)
             quality = measure_quality(world, teacher, evaluator, hold_images, hold_labels, sampling, out)
@@ -494,7 +497,7 @@ def check_quality(report: dict, world: TinyWorldParams | None = None) -> list[st
 # --------------------------------------------------------------------------------------------
 def load_tiny_world(out_dir: Path | str, device: str | torch.device = "cpu"):
     """(LlamaGenTeacher, TinyEvaluator) from a prepared world directory, loaded strictly."""
-    from ddcore.teachers.llamagen import build_llamagen_teacher_from_dir
+    from ddcore.teachers.llamagen.teacher import build_llamagen_teacher_from_dir
 
     out = Path(out_dir)
     teacher = build_llamagen_teacher_from_dir(out, device=device)
@@ -503,7 +506,7 @@ def load_tiny_world(out_dir: Path | str, device: str | torch.device = "cpu"):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m ddcore.tiny.world --preset tiny`: prepare a preset's world and print the report."""
+    """`python -m ddcore.teachers.llamagen.tiny_world --preset tiny`: prepare a preset's world and print the report."""
     from ddcore.params import load_preset
 
     ap = argparse.ArgumentParser(description=main.__doc__)

@@ -32,7 +32,7 @@ from ddcore.checkpoints import atomic_write_json
 from ddcore.models.var import VAR, VARConfig
 from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
 from ddcore.params import SamplingParams, TinyWorldParams
-from ddcore.teachers.var import VARTeacher, build_var_teacher_from_dir, save_var_teacher
+from ddcore.teachers.var.teacher import VARTeacher, build_var_teacher_from_dir, save_var_teacher
 from ddcore.tiny.data import make_dataset_with_attributes, to_model_range
 from ddcore.tiny.evaluator import (
     SAMPLE_SEED_BASE,
@@ -48,8 +48,8 @@ from ddcore.tiny.evaluator import (
 
 TINY_VAR_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 REPORT_FILE = "var_world.json"
-# sampling used for the quality check (VAR convention: cfg ramps from 0 to this value)
-CHECK_SAMPLING = SamplingParams(cfg_scale=1.5)
+# sampling used for the quality check (the weight ramps from 1 to this value over the scales)
+CHECK_SAMPLING = SamplingParams(cfg_scale=2.5)
 
 
 def tiny_var_configs(world: TinyWorldParams) -> tuple[VQVAEConfig, VARConfig]:
@@ -264,7 +264,7 @@ def token_nll(teacher: VARTeacher, tokens: Tensor, labels: Tensor, batch_size: i
     total, dev = 0.0, teacher.device
     for i in range(0, tokens.shape[0], batch_size):
         tok, lab = tokens[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev)
-        logits = teacher.teacher_forced_logits(tok, lab, SamplingParams(cfg_scale=0.0))
+        logits = teacher.teacher_forced_logits(tok, lab, SamplingParams(cfg_scale=1.0))
         total += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tok.reshape(-1), reduction="sum"
         ).item()
@@ -462,12 +462,12 @@ def scale_prefix_accuracy(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m ddcore.tiny.var_world probe --world DIR --preset tiny-var`: scale_prefix_accuracy."""
+    """`python -m ddcore.teachers.var.tiny_world probe --world DIR --preset tiny-var`: scale_prefix_accuracy."""
     import argparse
 
     from ddcore.params import load_preset
 
-    ap = argparse.ArgumentParser(prog="python -m ddcore.tiny.var_world")
+    ap = argparse.ArgumentParser(prog="python -m ddcore.teachers.var.tiny_world")
     ap.add_argument("command", choices=["probe"])
     ap.add_argument("--world", required=True, help="a prepared VAR tiny-world directory")
     ap.add_argument("--preset", default="tiny-var", help="preset whose world and sampling to use")

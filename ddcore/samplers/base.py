@@ -1,18 +1,23 @@
 """One interface for every way of producing images: the teacher, DD1 students, baselines, later DD2.
 
 Evaluation and benchmarks only ever see `ImageSampler`, so adding a sampler never touches them.
+A `SamplerSpec` names samplers by pattern and builds them from a `SamplerContext`
+(`ddcore.samplers.registry.build_samplers` is the factory).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from ddcore.params import SamplingParams
+from ddcore.params import Preset, SamplingParams
 from ddcore.teachers.base import Teacher
 
 # name suffix of a sampler's torch.compile'd variant ("dd1-1step+compile")
@@ -81,3 +86,22 @@ def compiled_variant(sampler, compile_more: Callable[[object], None] | None = No
         return twin
 
     return make
+
+
+@dataclass
+class SamplerContext:
+    teacher: Teacher
+    student_dir: Path
+    preset: Preset
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """`pattern` (a full-match regex) names the samplers `build(match, ctx)` makes; `shown` is how
+    error messages list it; `reads` the preset keys its samplers depend on (stage fingerprints)."""
+
+    pattern: str
+    shown: str
+    build: Callable[[re.Match, SamplerContext], ImageSampler]
+    reads: tuple[str, ...] = ()

@@ -36,6 +36,7 @@ from ddcore.models.llamagen import (
     TransformerBlock,
     precompute_freqs_cis_2d,
 )
+from ddcore.teachers.llamagen.catalogue import suggest_llamagen
 
 __all__ = [
     "DD1Student",
@@ -303,7 +304,8 @@ def load_student_checkpoint(
     sd = unwrap_state_dict(load_state_dict_file(path), prefer=prefer)
     with torch.device("meta"):
         student = DD1Student(cfg, torch.empty_like(codebook, device="meta"))
-    load_strict(student, sd, what=f"DD1 LlamaGen student (dim {cfg.dim}, {cfg.n_layer} layers)", assign=True)
+    what = f"DD1 LlamaGen student (dim {cfg.dim}, {cfg.n_layer} layers)"
+    load_strict(student, sd, what=what, suggest=suggest_llamagen, assign=True)
     student.attach_codebook(codebook)
     return student.to(device).eval()
 

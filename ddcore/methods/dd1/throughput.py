@@ -12,12 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from ddcore.dd1.flowmap import FlowChooser, FlowSolver
-from ddcore.dd1.train import train_student, trains_in_bf16
-from ddcore.dd1.trajectories import pair_seeds, shard_labels, trajectory_batch
-from ddcore.eval.bench import Timed, peak_memory, time_in_turns
-from ddcore.params import FlowParams, SamplingParams, StudentParams, TrainParams, TrajectoryParams
+from ddcore.eval.timing import Timed, peak_memory, time_in_turns
+from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
+from ddcore.methods.dd1.train import train_student
+from ddcore.methods.dd1.trajectories import pair_seeds, shard_labels, trajectory_batch
+from ddcore.params import DD1TrainParams, FlowParams, SamplingParams, StudentParams, TrajectoryParams
 from ddcore.teachers.base import Teacher
+from ddcore.training.loop import trains_in_bf16
 
 __all__ = ["trajectory_throughput", "training_throughput"]
 
@@ -50,7 +51,7 @@ def training_throughput(
     teacher: Teacher,
     traj_dir: str | os.PathLike,
     student: StudentParams,
-    train: TrainParams,
+    train: DD1TrainParams,
     steps: tuple[int, int] = (10, 40),
 ) -> dict:
     """Optimizer steps/s and samples/s of the real training loop on the real trajectories.

@@ -44,6 +44,11 @@ from ddcore.models.vq import VQ_CONFIGS, VQConfig, VQModel
 from ddcore.params import SamplingParams
 from ddcore.sampling import cfg_logits, logits_to_probs
 from ddcore.teachers.base import StepState, Teacher
+from ddcore.teachers.llamagen.catalogue import (
+    DEFAULT_TOKENIZER,
+    llamagen_info_from_filename,
+    suggest_llamagen,
+)
 
 __all__ = [
     "LlamaGenState",
@@ -260,7 +265,7 @@ def _meta_then_load(build, sd: dict, what: str, device, dtype):
     """Build on the meta device (no random init of billions of params), then adopt the checkpoint."""
     with torch.device("meta"):
         model = build()
-    load_strict(model, sd, what=what, assign=True)
+    load_strict(model, sd, what=what, suggest=suggest_llamagen, assign=True)
     return model.to(device=device, dtype=dtype or torch.float32)
 
 
@@ -304,7 +309,7 @@ def load_llamagen_teacher(
     the source: ``c2i_L_384.pt``), or from `gpt_model` / `image_size`. `source` / `vq_path`
     override the registry's download locations (local path, s3://, hf://).
     """
-    from ddcore.sources import find_checkpoint, get_checkpoint, llamagen_info_from_filename, resolve_source
+    from ddcore.sources import find_checkpoint, get_checkpoint, resolve_source
 
     info = find_checkpoint(name_or_gpt_path)
     if info is None:
@@ -319,7 +324,7 @@ def load_llamagen_teacher(
     is_name = info is not None and name_or_gpt_path == info.name
     gpt_src = source or (info.source if is_name else name_or_gpt_path)
     tok_info = get_checkpoint(info.tokenizer) if info is not None and info.tokenizer else None
-    vq_src = vq_path or (tok_info.source if tok_info else get_checkpoint("vq-ds16-c2i").source)
+    vq_src = vq_path or (tok_info.source if tok_info else get_checkpoint(DEFAULT_TOKENIZER).source)
     if isinstance(vq_model, VQConfig):
         vq_cfg = vq_model
     else:

@@ -3,9 +3,9 @@
 Sampling follows the original `autoregressive_infer_cfg` exactly, except that the draw itself is
 the shared noise-driven chooser (so a VAR sample is reproducible per seed and batch-independent):
   * classifier-free guidance runs cond and uncond rows in one batch [cond; null class] and
-    ramps with the scale: ratio = cfg * si / (S - 1), logits = (1 + ratio) cond - ratio uncond
-    (scale 0 is unguided). `params.cfg_scale` is VAR's `cfg` (official FID setting 1.5; 0 = off);
-    this is NOT LlamaGen's convention (there 1.0 = off);
+    ramps with the scale: ratio = (w - 1) si / (S - 1), logits = (1 + ratio) cond - ratio uncond
+    (scale 0 is unguided). `params.cfg_scale` is the project-wide weight w (1 = off), so VAR's
+    own `cfg` c is w = 1 + c (official FID setting c = 1.5, w = 2.5);
   * top-k keeps logits >= the k-th largest, then VAR's top-p: sort ascending and drop the tokens
     whose ascending cumulative probability is <= 1 - p (the most likely token always stays);
   * there is no temperature in VAR: `params.temperature` must be 1 and `cfg_interval` -1;
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +38,9 @@ from ddcore.models.var import VAR, KVCache, VARConfig, var_config
 from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
 from ddcore.params import SamplingParams
 from ddcore.sampling import top_k_filter
-from ddcore.sources import CheckpointInfo, find_checkpoint, register_checkpoint, resolve_source
+from ddcore.sources import find_checkpoint, resolve_source
 from ddcore.teachers.base import StepState, Teacher
+from ddcore.teachers.var.catalogue import VAR_VQVAE_NAME, suggest_var
 
 # --------------------------------------------------------------------------------------------
 # VAR's logits processing
@@ -62,9 +61,10 @@ def var_top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(mask, float("-inf"))
 
 
-def var_guided_logits(cond: Tensor, uncond: Tensor | None, si: int, num_scales: int, cfg: float) -> Tensor:
-    """(1 + r) cond - r uncond with r = cfg * si / (S - 1): guidance grows linearly over scales."""
-    ratio = cfg * si / (num_scales - 1) if num_scales > 1 else 0.0
+def var_guided_logits(cond: Tensor, uncond: Tensor | None, si: int, num_scales: int, w: float) -> Tensor:
+    """(1 + r) cond - r uncond with r = (w - 1) si / (S - 1): the weight ramps linearly from 1 at
+    the first scale to w at the last (VAR's `cfg` c is w - 1, computed as VAR computes it)."""
+    ratio = (w - 1.0) * si / (num_scales - 1) if num_scales > 1 else 0.0
     if uncond is None or ratio == 0.0:
         return cond
     return (1.0 + ratio) * cond - ratio * uncond
@@ -166,7 +166,7 @@ class VARTeacher(Teacher):
     def start(self, labels: Tensor, params: SamplingParams) -> tuple[VARState, Tensor]:
         check_var_sampling(params)
         labels = self._labels(labels)
-        batch, guided = labels.shape[0], params.cfg_scale != 0.0
+        batch, guided = labels.shape[0], params.cfg_scale != 1.0
         if guided:
             labels = torch.cat((labels, torch.full_like(labels, self.var.null_class)))
         cond = self.var.cond(labels)
@@ -209,7 +209,7 @@ class VARTeacher(Teacher):
     def teacher_forced_logits(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
         """(B, L, V) fp32 guided logits (VAR's per-scale CFG ramp, before top-k / top-p)."""
         check_var_sampling(params)
-        batch, guided = tokens.shape[0], params.cfg_scale != 0.0
+        batch, guided = tokens.shape[0], params.cfg_scale != 1.0
         logits = self.forward_logits(tokens, labels, guided).float()
         cond, uncond = (logits[:batch], logits[batch:]) if guided else (logits, None)
         out = []
@@ -252,91 +252,6 @@ class VARTeacher(Teacher):
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-
-VAR_HF_REPO = "FoundationVision/var"
-VAR_VQVAE_NAME = "var-vqvae"
-# The protocol behind the published FIDs (VAR README / issues); cfg is VAR's cfg.
-VAR_FID_SAMPLING = {"cfg_scale": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0}
-
-register_checkpoint(
-    CheckpointInfo(
-        name=VAR_VQVAE_NAME,
-        family="var",
-        kind="vqvae",
-        source=f"hf://{VAR_HF_REPO}/vae_ch160v4096z32.pth",
-        config="vae_ch160v4096z32",
-        image_size=256,
-        layout="raw",
-    )
-)
-for _d in (16, 20, 24, 30):
-    register_checkpoint(
-        CheckpointInfo(
-            name=f"var-d{_d}",
-            family="var",
-            kind="var",
-            source=f"hf://{VAR_HF_REPO}/var_d{_d}.pth",
-            config=f"var-d{_d}",
-            image_size=256,
-            block_size=680,
-            layout="raw",
-            tokenizer=VAR_VQVAE_NAME,
-            num_classes=1000,
-            sampling=dict(VAR_FID_SAMPLING),
-        )
-    )
-
-
-def suggest_var(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]) -> list[str]:
-    """Hints naming the VAR / VQVAE config a state dict looks like, for CheckpointError messages."""
-    hints: list[str] = []
-
-    def blocks(d: Mapping[str, Tensor]) -> int:
-        idx = {int(m.group(1)) for k in d if (m := re.match(r"blocks\.(\d+)\.", k))}
-        return max(idx) + 1 if idx else 0
-
-    if "word_embed.weight" in sd and "word_embed.weight" in model_sd:
-        got = (blocks(sd), int(sd["word_embed.weight"].shape[0]))
-        want = (blocks(model_sd), int(model_sd["word_embed.weight"].shape[0]))
-        if got != want:
-            name = (
-                f" (looks like var-d{got[0]})" if got[1] == 64 * got[0] and got[0] in (16, 20, 24, 30) else ""
-            )
-            hints.append(
-                f"wrong depth/width: checkpoint depth {got[0]}, C {got[1]}{name}; model depth {want[0]}, C {want[1]}"
-            )
-    for key, dim, what in (
-        ("pos_1LC", 1, "sequence length L = sum(pn^2)"),
-        ("lvl_embed.weight", 0, "number of scales"),
-    ):
-        if key in sd and key in model_sd and sd[key].shape[dim] != model_sd[key].shape[dim]:
-            hints.append(
-                f"wrong patch_nums: checkpoint {what} {sd[key].shape[dim]}, model {model_sd[key].shape[dim]}"
-            )
-    if (
-        "class_emb.weight" in sd
-        and "class_emb.weight" in model_sd
-        and sd["class_emb.weight"].shape[0] != model_sd["class_emb.weight"].shape[0]
-    ):
-        hints.append(
-            f"wrong num_classes: checkpoint has {sd['class_emb.weight'].shape[0]} class rows (num_classes + 1 null row)"
-        )
-    if "shared_ada_lin.1.weight" in sd and "shared_ada_lin.1.weight" not in model_sd:
-        hints.append("checkpoint uses shared AdaLN (shared_aln=True, e.g. the 512-px d36)")
-    if "quantize.ema_vocab_hit_SV" in sd and "quantize.ema_vocab_hit_SV" in model_sd:
-        got, want = (
-            tuple(sd["quantize.ema_vocab_hit_SV"].shape),
-            tuple(model_sd["quantize.ema_vocab_hit_SV"].shape),
-        )
-        if got != want:
-            hints.append(
-                f"VQVAE built for {want[0]} scales / V {want[1]}, checkpoint has {got[0]} scales / V {got[1]}"
-            )
-    if "encoder.conv_in.weight" in sd and "encoder.conv_in.weight" in model_sd:
-        got, want = sd["encoder.conv_in.weight"].shape[0], model_sd["encoder.conv_in.weight"].shape[0]
-        if got != want:
-            hints.append(f"wrong VQVAE ch: checkpoint {got}, model {want}")
-    return hints
 
 
 def load_var_vqvae(

@@ -1,0 +1,1 @@
+"""Distillation methods, one package each (`dd1/`), registered in `ddcore.methods.registry`."""
