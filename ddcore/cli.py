@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("bench", "latency and throughput of every sampler on this machine")
     p = add("register", "log to MLflow, register dd-<teacher>, apply the champion/challenger gate")
     p.add_argument("--flow-run-id", default=None, help="Prefect flow-run id to tag the run with")
-    p = add("pipeline", "all stages in order (each skips when already complete)")
+    p = add("pipeline", "all stages of the preset's method in order (each skips when already complete)")
     p.add_argument(
         "--stages",
         type=lambda s: [x for x in s.split(",") if x],

@@ -1,8 +1,9 @@
-"""Prefect flow `distill`: prepare -> trajectories (sharded) -> distill -> evaluate -> bench -> register.
+"""Prefect flow `distill`: prepare -> the method's stages (DD1: trajectories, sharded -> distill) ->
+evaluate -> bench -> register.
 
-Every task calls the matching function of `ddcore.stages`, the same one DVC and `ddcore pipeline`
-call, so the flow adds only orchestration: retries on transient failures, parallel trajectory
-shards, artifacts in the UI and the flow-run id on the MLflow run. Tasks write files, so none of
+Every task calls `ddcore.pipeline.runner.run_stage`, the same function DVC and `ddcore pipeline`
+call, so the flow adds only orchestration: retries on transient failures, parallel shards,
+artifacts in the UI and the flow-run id on the MLflow run. Tasks write files, so none of
 them uses Prefect's result cache (NO_CACHE): a cached return value would claim files that may
 have been deleted. Skipping finished work is the stages' own job (their completion markers).
 
@@ -21,21 +22,22 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from ddcore import stages
-from ddcore.cli import resolve_preset
 from ddcore.params import Preset
-
-TRANSIENT = (OSError, TimeoutError, ConnectionError)
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotImplementedError)
+from ddcore.pipeline.layout import Layout, layout_for
+from ddcore.pipeline.plan import stage_names
+from ddcore.pipeline.presets import resolve_preset
+from ddcore.pipeline.runner import run_stage, stage_shards
+from ddcore.results import BenchResult, EvalResult
+from ddcore.retry import PERMANENT_ERRORS, TRANSIENT_ERRORS
 
 
 def retry_transient(task, task_run, state) -> bool:
     """Retry only what a retry can fix (I/O, network, storage); bugs and bad params fail at once."""
     try:
         state.result()
-    except PERMANENT:
+    except PERMANENT_ERRORS:
         return False
-    except TRANSIENT:
+    except TRANSIENT_ERRORS:
         return True
     except Exception:
         return False
@@ -53,45 +55,33 @@ def _task(**kw):
     return task(**opts)
 
 
-@_task(name="prepare", retries=3, retry_delay_seconds=[10, 60, 300])
-def prepare(preset_name: str, preset: Preset) -> dict:
-    return stages.prepare_teacher(preset_name, preset, progress=False)
+@_task(name="stage")
+def stage(preset_name: str, preset: Preset, stage: str, options: dict | None = None) -> dict:
+    """One stage through the runner the CLI and DVC use (prepare may download: more retries)."""
+    kw = dict(options or {})
+    if stage == "distill":
+        logger = get_run_logger()
+
+        def log_fn(row: dict) -> None:
+            logger.info("train %s", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
+
+        kw["log_fn"] = log_fn
+    return run_stage(preset_name, preset, layout_for(preset_name), stage, progress=False, **kw)
 
 
-@_task(name="trajectory-shard", tags=["gpu"])
-def trajectory_shard(preset_name: str, preset: Preset, shard: int) -> dict:
-    return stages.generate_trajectories_stage(preset_name, preset, shard_ids=[shard], progress=False)
+@_task(name="shard", task_run_name="{stage}-{shard}", tags=["gpu"])
+def shard(preset_name: str, preset: Preset, stage: str, shard: int) -> dict:
+    return run_stage(preset_name, preset, layout_for(preset_name), stage, progress=False, shard_ids=[shard])
 
 
-@_task(name="trajectories")
-def trajectories(preset_name: str, preset: Preset) -> dict:
-    """After all shards: validates the set, writes the manifest, marks the stage complete."""
-    return stages.generate_trajectories_stage(preset_name, preset, progress=False)
+CPU_STAGES = ("prepare", "register")  # the others want the GPU worker
 
 
-@_task(name="distill", tags=["gpu"])
-def distill_student(preset_name: str, preset: Preset) -> dict:
-    logger = get_run_logger()
-
-    def log_fn(row: dict) -> None:
-        logger.info("train %s", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
-
-    return stages.distill_stage(preset_name, preset, log_fn=log_fn, progress=False)
-
-
-@_task(name="evaluate", tags=["gpu"])
-def evaluate(preset_name: str, preset: Preset) -> dict:
-    return stages.evaluate_stage(preset_name, preset, progress=False)
-
-
-@_task(name="bench", tags=["gpu"])
-def bench(preset_name: str, preset: Preset) -> dict:
-    return stages.bench_stage(preset_name, preset, progress=False)
-
-
-@_task(name="register")
-def register(preset_name: str, preset: Preset, flow_run_id: str | None, flow_run_url: str | None) -> dict:
-    return stages.register_stage(preset_name, preset, flow_run_id=flow_run_id, flow_run_url=flow_run_url)
+def _stage_task(name: str):
+    t = stage.with_options(name=name, tags=[] if name in CPU_STAGES else ["gpu"])
+    if name == "prepare":  # may download checkpoints: more patience
+        t = t.with_options(retries=3, retry_delay_seconds=[10, 60, 300])
+    return t
 
 
 def _key(*parts: str) -> str:
@@ -102,15 +92,14 @@ def _fmt(v: Any) -> Any:
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
-def publish_artifacts(
-    preset_name: str, preset: Preset, eval_result: dict, bench_result: dict, reg: dict
-) -> None:
+def publish_artifacts(preset_name: str, preset: Preset, layout: Layout, reg: dict) -> None:
     """Metrics table, a markdown summary with the promotion decision, and a link to the MLflow run."""
-    bench_rows = {str(r.get("sampler")): r for r in stages.bench_rows(bench_result, preset)}
+    ev, be = EvalResult.load(layout.eval_json), BenchResult.load(layout.bench_json)
+    case = be.own_case(preset.bench.cases)
     table = []
-    for r in stages.sampler_rows(eval_result):
-        b = bench_rows.get(str(r.get("sampler")), {})
-        row = {"sampler": r.get("sampler"), "steps": r.get("steps")}
+    for r in ev.rows():
+        b = be.row(case, r["sampler"]) or {}
+        row = {"sampler": r["sampler"], "steps": r.get("steps")}
         row |= {k: _fmt(v) for k, v in r.items() if isinstance(v, int | float) and k != "steps"}
         row |= {f"bench_{k}": _fmt(v) for k, v in b.items() if isinstance(v, int | float) and k != "steps"}
         table.append(row)
@@ -139,34 +128,38 @@ def publish_artifacts(
 
 @flow(name="distill", log_prints=True)
 def distill(preset: str = "tiny", overrides: list[str] | None = None, parallel_shards: int = 2) -> dict:
-    """Distil the preset's teacher into a few-step DD1 student and register it.
+    """Distil the preset's teacher into a few-step student with the preset's method and register it.
 
     `overrides` are `key.path=value` strings (as `ddcore --set`), validated before any work.
-    `parallel_shards` bounds how many trajectory shards run at once on this worker.
+    `parallel_shards` bounds how many shards of a sharded stage run at once on this worker.
     """
     logger = get_run_logger()
-    p = resolve_preset(preset, overrides or [], stages.layout_for(preset).params_file)
+    layout = layout_for(preset)
+    p = resolve_preset(preset, overrides or [], layout.params_file)
+    names = stage_names(p)
     logger.info(
-        "preset %s: teacher %s, %d trajectory shard(s)",
-        preset,
-        p.teacher.name,
-        len(stages.trajectory_shards(p)),
+        "preset %s: teacher %s, method %s, stages %s", preset, p.teacher.name, p.method, ", ".join(names)
     )
-
-    prepare(preset, p)
-    shards = stages.trajectory_shards(p)
-    wave = max(1, parallel_shards)
-    for i in range(0, len(shards), wave):
-        futures = [trajectory_shard.submit(preset, p, s) for s in shards[i : i + wave]]
-        for f in futures:
-            f.result()  # raises if a shard failed after its retries
-    trajectories(preset, p)
-    distill_student(preset, p)
-    ev_result = evaluate(preset, p)
-    be_result = bench(preset, p)  # after evaluate: timings on an otherwise idle device
-    run_id = str(flow_run.id) if flow_run.id else None
-    reg = register(preset, p, run_id, flow_run.ui_url if run_id else None)
-    publish_artifacts(preset, p, ev_result, be_result, reg)
+    reg: dict = {}
+    for name in names:
+        if (shards := stage_shards(p, name)) is not None:
+            wave = max(1, parallel_shards)
+            for i in range(0, len(shards), wave):
+                futures = [shard.submit(preset, p, name, s) for s in shards[i : i + wave]]
+                for f in futures:
+                    f.result()  # raises if a shard failed after its retries
+        options = None
+        if name == "register":
+            run_id = str(flow_run.id) if flow_run.id else None
+            options = {"flow_run_id": run_id, "flow_run_url": flow_run.ui_url if run_id else None}
+        # bench runs after evaluate: timings on an otherwise idle device
+        result = (
+            stage.with_options(retries=3, retry_delay_seconds=[10, 60, 300]) if name == "prepare" else stage
+        )
+        out = result(preset, p, name, options)
+        if name == "register":
+            reg = out
+    publish_artifacts(preset, p, layout, reg)
     return {"preset": preset, "registered": reg}
 
 

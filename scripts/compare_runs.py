@@ -17,12 +17,22 @@ import json
 import sys
 from pathlib import Path
 
-TIMING = ("seconds", "elapsed", "per_s", "sec_per_image", "times", "created", "_s", "mem", "run_url", "run_id",
-          "model_uri", "loadavg", "threads", "timings", "wall", "cpu")
+TIMING_KEYS = {
+    "seconds",
+    "times",
+    "created",
+    "run_url",
+    "run_id",
+    "model_uri",
+    "loadavg",
+    "threads",
+    "machine",
+}
+TIMING_SUFFIXES = ("_s", "_seconds", "_times", "per_s", "per_image", "_mb", "mem_kind")
 
 
 def is_timing(key: str) -> bool:
-    return any(t in key for t in TIMING)
+    return key in TIMING_KEYS or key.endswith(TIMING_SUFFIXES)
 
 
 def strip(obj):
@@ -31,6 +41,26 @@ def strip(obj):
     if isinstance(obj, list):
         return [strip(v) for v in obj]
     return obj
+
+
+def _delta(a, b, path: str = "") -> str:
+    """The first few leaf paths where two JSON values differ, with both values."""
+    out: list[str] = []
+
+    def walk(x, y, p):
+        if len(out) >= 4:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k), y.get(k), f"{p}.{k}" if p else str(k))
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                walk(u, v, f"{p}[{i}]")
+        elif x != y:
+            out.append(f"{p}: {x!r} vs {y!r}")
+
+    walk(a, b, path)
+    return "; ".join(out)
 
 
 def shape(obj):
@@ -42,6 +72,23 @@ def shape(obj):
 
 
 def read(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {
+                k: hashlib.sha256(
+                    f.get_tensor(k)
+                    .contiguous()
+                    .view(-1)
+                    .view(dtype=__import__("torch").uint8)
+                    .numpy()
+                    .tobytes()
+                ).hexdigest()
+                for k in f.keys()
+            }
+        return {"tensors": tensors, "metadata": strip({k: _maybe_json(v) for k, v in meta.items()})}
     if path.suffix == ".json":
         return strip(json.loads(path.read_text()))
     if path.suffix == ".csv":
@@ -50,19 +97,32 @@ def read(path: Path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _maybe_json(v: str):
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--preset", required=True)
-    ap.add_argument("--skip", action="append", default=["_stage.json", ".stages", "png", "registry.json",
-                                                         "params/"], help="path fragments not compared")
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=["_stage.json", ".stages", "png", "registry.json", "params/"],
+        help="path fragments not compared",
+    )
     args = ap.parse_args()
     diffs, n = [], 0
     for top in ("models", "data", "metrics"):
         base_a, base_b = args.a / top / args.preset, args.b / top / args.preset
-        files = sorted({p.relative_to(base_a) for p in base_a.rglob("*") if p.is_file()}
-                       | {p.relative_to(base_b) for p in base_b.rglob("*") if p.is_file()})
+        files = sorted(
+            {p.relative_to(base_a) for p in base_a.rglob("*") if p.is_file()}
+            | {p.relative_to(base_b) for p in base_b.rglob("*") if p.is_file()}
+        )
         for rel in files:
             if any(s in str(rel) for s in args.skip):
                 continue
@@ -75,7 +135,16 @@ def main() -> int:
             if rel.name == "bench.json":
                 same = shape(json.loads(pa.read_text())) == shape(json.loads(pb.read_text()))
             else:
-                same = read(pa) == read(pb)
+                ra, rb = read(pa), read(pb)
+                same = ra == rb
+                if not same and rel.suffix == ".safetensors" and ra["tensors"] == rb["tensors"]:
+                    diffs.append(
+                        f"{where}: tensors identical, metadata differs: {_delta(ra['metadata'], rb['metadata'])}"
+                    )
+                    continue
+                if not same and rel.suffix == ".json":
+                    diffs.append(f"{where}: differs: {_delta(ra, rb)}")
+                    continue
             if not same:
                 diffs.append(f"{where}: differs")
     for d in diffs:

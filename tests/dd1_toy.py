@@ -149,7 +149,7 @@ def small_llamagen_teacher(seed: int = 0):
 
 def small_train_params(**kw):
     """DD1 training at test scale (a few steps, frequent validation)."""
-    from ddcore.params import TrainParams
+    from ddcore.params import DD1TrainParams as TrainParams
 
     base = dict(
         steps=10,
@@ -185,7 +185,8 @@ def ddp_train_worker(rank: int, world: int, port: int, traj_dir: str, out_dir: s
     import torch
 
     from ddcore.methods.dd1.train import train_student
-    from ddcore.params import StudentParams, TrainParams
+    from ddcore.params import DD1TrainParams as TrainParams
+    from ddcore.params import StudentParams
 
     dist_env = {
         "MASTER_ADDR": "127.0.0.1",

@@ -26,15 +26,17 @@ _CACHE: dict[str, MicroProject] = {}
 # Test scale for the DD1 sections of `micro`, used only where params.yaml leaves a section out
 # (the defaults are sized for real runs: 20k trajectory pairs, 3k training steps).
 MICRO_TEST_SCALE = {
-    "flow": {"steps": 16},
-    "trajectories": {"num_pairs": 128, "shard_size": 64, "batch_size": 64},
-    "train": {
-        "steps": 40,
-        "batch_size": 16,
-        "val_pairs": 16,
-        "val_every": 10,
-        "ckpt_every": 20,
-        "warmup_steps": 5,
+    "dd1": {
+        "flow": {"steps": 16},
+        "trajectories": {"num_pairs": 128, "shard_size": 64, "batch_size": 64},
+        "train": {
+            "steps": 40,
+            "batch_size": 16,
+            "val_pairs": 16,
+            "val_every": 10,
+            "ckpt_every": 20,
+            "warmup_steps": 5,
+        },
     },
     "eval": {"num_samples": 64, "batch_size": 64},
     "bench": {"throughput_batch": 8, "repeats": 2, "warmup": 1},

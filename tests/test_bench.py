@@ -10,21 +10,14 @@ import json
 import pytest
 import torch
 
-from ddcore.eval import bench as bench_mod
-from ddcore.eval.bench import (
-    RANDOM_CASES,
-    Timed,
-    bench_case,
-    bench_samplers,
-    dd1_random_students,
-    machine_info,
-    peak_memory,
-    random_teacher,
-    time_in_turns,
-)
+from ddcore.eval import timing as timing_mod
+from ddcore.eval.bench import bench_case, bench_samplers, random_teacher
 from ddcore.eval.report import render_results_table
+from ddcore.eval.timing import Timed, machine_info, peak_memory, time_in_turns
+from ddcore.methods.dd1.samplers import random_students as dd1_random_students
 from ddcore.params import BenchParams, SamplingParams
 from ddcore.samplers.base import TeacherSampler
+from ddcore.teachers.registry import random_case_family, random_case_names
 
 L = 8  # tokens per image
 GEN_PER_TOKEN = 0.01  # fake seconds per generated token per batch (batch-parallel)
@@ -42,7 +35,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     c = FakeClock()
-    monkeypatch.setattr(bench_mod.time, "perf_counter", c)
+    monkeypatch.setattr(timing_mod.time, "perf_counter", c)
     return c
 
 
@@ -263,7 +256,9 @@ def test_real_small_var_teacher_runs_through_bench():
 
 
 def test_random_cases_name_their_family():
-    assert RANDOM_CASES["var-d16-random"] == ("var", "var-d16")
+    assert random_case_family("var-d16-random").name == "var"
+    assert random_case_family("llamagen-b-random").name == "llamagen" and random_case_family("world") is None
+    assert random_case_names() == ("llamagen-b-random", "llamagen-l-random", "var-d16-random")
     with pytest.raises(ValueError, match="allowed: llamagen-b-random, llamagen-l-random, var-d16-random"):
         random_teacher("var-d99-random")
 

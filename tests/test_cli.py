@@ -62,13 +62,13 @@ def test_console_script_is_installed():
 
 def test_params_prints_the_resolved_preset(root, capsys):
     assert (
-        cli.main(["--root", str(root), "params", "--preset", PRESET, "--set", "train.steps=7", "--json"]) == 0
+        cli.main(["--root", str(root), "params", "--preset", PRESET, "--set", "dd1.train.steps=7", "--json"])
+        == 0
     )
     data = json.loads(capsys.readouterr().out)
-    assert data["train"]["steps"] == 7
-    assert data == load_preset(PRESET, root / "params.yaml", overrides={"train": {"steps": 7}}).model_dump(
-        mode="json"
-    )
+    assert data["dd1"]["train"]["steps"] == 7
+    over = {"dd1": {"train": {"steps": 7}}}
+    assert data == load_preset(PRESET, root / "params.yaml", overrides=over).model_dump(mode="json")
     assert cli.main(["--root", str(root), "--preset", PRESET, "params"]) == 0  # global --preset, YAML
     assert yaml.safe_load(capsys.readouterr().out)[PRESET]["teacher"]["name"]
 
@@ -76,10 +76,11 @@ def test_params_prints_the_resolved_preset(root, capsys):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("train.steps=-5", "presets.micro.train.steps"),
+        ("dd1.train.steps=-5", "presets.micro.dd1.train.steps"),
         ("teacher.sampling.top_p=1.5", "presets.micro.teacher.sampling.top_p"),
         ("teacher.name=llamagen-z", "allowed: tiny, micro"),
-        ("train.lrr=0.1", "presets.micro.train.lrr: unknown key"),
+        ("dd1.train.lrr=0.1", "presets.micro.dd1.train.lrr: unknown key"),
+        ("family=nosuch", "presets.micro.family: unknown family 'nosuch'"),
         ("trainsteps", "must look like key.path=value"),
     ],
 )
@@ -201,14 +202,14 @@ def test_bench_json_holds_trajectory_and_training_throughput(project):
     bench = json.loads((project.root / "metrics" / PRESET / "bench.json").read_text())
     traj, train = bench["extra"]["trajectories"], bench["extra"]["training"]
     preset = load_preset(PRESET, project.root / "params.yaml")
-    assert traj["batch"] == preset.trajectories.batch_size and len(traj["times"]) == 2
+    assert traj["batch"] == preset.dd1.trajectories.batch_size and len(traj["times"]) == 2
     assert traj["pairs_per_s"] == pytest.approx(traj["batch"] / traj["seconds_per_batch"])
     assert (
         traj["pairs_per_s"] > 0 and traj["peak_mem_kind"] == "cpu_rss_sampled" and traj["peak_total_mb"] > 0
     )
     k1, k2 = train["timed_steps"]
-    assert 0 < k1 < k2 < preset.train.steps
+    assert 0 < k1 < k2 < preset.dd1.train.steps
     if train["steps_per_s"] is not None:  # None only when the longer run measured quicker
         per_step = (train["run_seconds"][1] - train["run_seconds"][0]) / (k2 - k1)
         assert train["steps_per_s"] == pytest.approx(1 / per_step)
-        assert train["samples_per_s"] == pytest.approx(preset.train.batch_size / per_step)
+        assert train["samples_per_s"] == pytest.approx(preset.dd1.train.batch_size / per_step)

@@ -10,6 +10,9 @@ import torch
 from dd1_toy import small_llamagen_teacher, small_train_params
 from var_helpers import small_var, small_vqvae
 
+from ddcore.methods.dd1.student import DD1Student
+from ddcore.methods.dd1.var_student import DD1VARStudent
+from ddcore.params import ParamsError, TrainParams, load_preset
 from ddcore.training.optim import (
     NS_COEFFICIENTS,
     MuonWithAdamW,
@@ -18,9 +21,6 @@ from ddcore.training.optim import (
     build_optimizer,
     orthogonalise,
 )
-from ddcore.methods.dd1.student import DD1Student
-from ddcore.methods.dd1.var_student import DD1VARStudent
-from ddcore.params import ParamsError, TrainParams, load_preset
 
 
 def _llamagen() -> torch.nn.Module:
@@ -88,8 +88,8 @@ def test_optimizer_state_round_trips_and_refuses_an_adamw_state():
 
 
 def test_unknown_optimizer_names_the_key_and_the_allowed_values():
-    with pytest.raises(ParamsError, match=r"presets\.micro\.train\.optimizer: .*'adamw' or 'muon'"):
-        load_preset("micro", overrides={"train": {"optimizer": "sgd"}})
+    with pytest.raises(ParamsError, match=r"presets\.micro\.dd1\.train\.optimizer: .*'adamw' or 'muon'"):
+        load_preset("micro", overrides={"dd1": {"train": {"optimizer": "sgd"}}})
     assert TrainParams().optimizer == "adamw"  # the released recipe's optimizer stays the default
 
 

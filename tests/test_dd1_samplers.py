@@ -6,18 +6,26 @@ import pytest
 import torch
 from dd1_toy import chi2_pvalue, make_small_trajectories, small_llamagen_teacher
 
-from ddcore.samplers.baseline import OneStepBaselineSampler
 from ddcore.methods.dd1.flowmap import FlowChooser, FlowSolver
 from ddcore.methods.dd1.samplers import (
     DD1Sampler,
     DD1TeacherAssistedSampler,
     FlowTeacherSampler,
-    build_samplers,
 )
 from ddcore.methods.dd1.student import DD1Student
 from ddcore.methods.dd1.train import train_student
-from ddcore.params import FlowParams, Preset, SamplingParams, StudentParams, TeacherParams, TrainParams
+from ddcore.params import (
+    DD1Params,
+    DD1TrainParams,
+    FlowParams,
+    Preset,
+    SamplingParams,
+    StudentParams,
+    TeacherParams,
+)
 from ddcore.samplers.base import ImageSampler, TeacherSampler
+from ddcore.samplers.baseline import OneStepBaselineSampler
+from ddcore.samplers.registry import build_samplers
 
 SAMPLING = SamplingParams()
 FLOW = FlowParams(steps=16)
@@ -118,12 +126,14 @@ def test_build_samplers_from_a_trained_student(tmp_path):
         teacher,
         tmp_path / "traj",
         StudentParams(t_list=[0, 6], split_t=12),
-        TrainParams(steps=2, batch_size=8, val_pairs=8, val_every=1, warmup_steps=0),
+        DD1TrainParams(steps=2, batch_size=8, val_pairs=8, val_every=1, warmup_steps=0),
         tmp_path / "student",
         device="cpu",
         progress=False,
     )
-    preset = Preset(family="llamagen", teacher=TeacherParams(name="tiny", sampling=SAMPLING), flow=FLOW)
+    preset = Preset(
+        family="llamagen", teacher=TeacherParams(name="tiny", sampling=SAMPLING), dd1=DD1Params(flow=FLOW)
+    )
     names = ["teacher", "teacher-flow", "dd1-1step", "dd1-2step", "dd1-teacher-2-6", "onestep-baseline"]
     samplers = build_samplers(names, teacher, tmp_path / "student", preset)
     assert [s.name for s in samplers] == names

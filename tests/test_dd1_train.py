@@ -13,18 +13,18 @@ from safetensors.torch import load_file
 
 from ddcore.methods.dd1.measure import jacobi_refinement, prefix_accuracy
 from ddcore.methods.dd1.student import DD1Student, layer_sources
+from ddcore.methods.dd1.students import load_student
 from ddcore.methods.dd1.train import (
     LOG_COLUMNS,
     LPIPSUnavailable,
     dd1_loss,
     initial_student,
-    load_student,
-    lr_at,
     step_batch,
     train_student,
 )
 from ddcore.methods.dd1.trajectories import TrajectoryDataset
 from ddcore.params import FlowParams, SamplingParams, StudentParams
+from ddcore.training.loop import lr_at
 
 SP = StudentParams(t_list=[0, 6], split_t=10)
 

@@ -17,7 +17,8 @@ from ddcore.methods.dd1.students import load_student
 from ddcore.methods.dd1.train import train_student
 from ddcore.methods.dd1.trajectories import TrajectoryDataset, generate_trajectories
 from ddcore.methods.dd1.var_student import DD1VARStudent
-from ddcore.params import FlowParams, SamplingParams, StudentParams, TrainParams, TrajectoryParams
+from ddcore.params import DD1TrainParams as TrainParams
+from ddcore.params import FlowParams, SamplingParams, StudentParams, TrajectoryParams
 from ddcore.teachers.var.teacher import VARTeacher
 
 SAMPLING = SamplingParams(cfg_scale=2.0, top_k=20, top_p=0.95)  # VAR's cfg ramp, top-k then top-p

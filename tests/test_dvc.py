@@ -59,8 +59,8 @@ def test_repro_runs_every_stage_through_the_console_command(project):
     resolved = json.loads((project.root / "metrics" / PRESET / "params" / "distill.json").read_text())
     preset = load_preset(PRESET, project.root / "params.yaml")
     assert resolved == {
-        "student": preset.student.model_dump(mode="json"),
-        "train": preset.train.model_dump(mode="json"),
+        "dd1.student": preset.dd1.student.model_dump(mode="json"),
+        "dd1.train": preset.dd1.train.model_dump(mode="json"),
     }
     ev = json.loads((project.root / "metrics" / PRESET / "eval.json").read_text())
     assert "teacher" in ev["samplers"] and any(k.startswith("dd1") for k in ev["samplers"])

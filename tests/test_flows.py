@@ -192,11 +192,11 @@ def test_bad_params_fail_the_flow_before_any_work(prefect_api, tmp_path):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     p = subprocess.run(
-        [str(BIN / "python"), "-m", "flows.distill", "--preset", PRESET, "--set", "trajectories.num_pairs=-3"],
+        [str(BIN / "python"), "-m", "flows.distill", "--preset", PRESET, "--set", "dd1.trajectories.num_pairs=-3"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert p.returncode != 0
-    assert "presets.micro.trajectories.num_pairs" in p.stderr + p.stdout
+    assert "presets.micro.dd1.trajectories.num_pairs" in p.stderr + p.stdout
     assert not (tmp_path / "models" / PRESET).exists(), "no stage may start with invalid params"
 
 

@@ -21,10 +21,15 @@ from micro_project import PRESET, MicroProject, micro_project
 from mlflow import MlflowClient
 from servers import mlflow_server, moto_s3, s3_keys
 
-from ddcore import registry, stages
 from ddcore.eval.evaluate import LABEL_PROTOCOL
 from ddcore.params import PromoteParams, load_preset
-from ddcore.registry import Scores, promotion_decision
+from ddcore.pipeline.layout import Layout
+from ddcore.registry import gate, store
+from ddcore.registry.gate import Scores, promotion_decision
+from ddcore.registry.register import register_student
+from ddcore.results import BenchResult, EvalResult
+from ddcore.samplers.registry import build_samplers
+from ddcore.teachers.loading import load_teacher
 
 pytestmark = pytest.mark.slow
 SECRET = "do-not-leak-4f9c2e"
@@ -48,15 +53,15 @@ def test_gate_known_answers():
     assert d.promote and d.fid_limit == pytest.approx(12.0)
     assert not promotion_decision(Scores(float("nan"), 0.01), champ, gate).promote
     # the gate compares FIDs of one evaluation protocol only
-    same = registry.Champion("3", champ, "n=8000 labels=balanced seed=1 reference=world")
-    d = registry.gate_decision(Scores(9.0, 0.010), same.protocol, same, gate)
+    same = gate.Champion("3", champ, "n=8000 labels=balanced seed=1 reference=world")
+    d = gate.gate_decision(Scores(9.0, 0.010), same.protocol, same, gate)
     assert d.promote and d.champion_version == "3" and d.fid_limit == pytest.approx(10.0)
     for other in ("n=2000 labels=random seed=1 reference=world", None):
-        d = registry.gate_decision(
+        d = gate.gate_decision(
             Scores(1.0, 0.001), same.protocol, dataclasses.replace(same, protocol=other), gate
         )
         assert not d.promote and "another evaluation protocol" in d.reason and d.champion_version == "3"
-    assert registry.gate_decision(Scores(1.0, 0.001), same.protocol, None, gate).reason == "no champion yet"
+    assert gate.gate_decision(Scores(1.0, 0.001), same.protocol, None, gate).reason == "no champion yet"
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,15 +78,15 @@ def second(project, tmp_path_factory) -> MicroProject:
     root = tmp_path_factory.mktemp("second") / "repo"
     shutil.copytree(project.root, root, symlinks=True)
     p = MicroProject(root, project.env, 0, "")
-    steps = max(1, load_preset(PRESET, root / "params.yaml").train.steps // 2)
+    steps = max(1, load_preset(PRESET, root / "params.yaml").dd1.train.steps // 2)
     for stage in ("distill", "evaluate", "bench"):
-        p.ddcore("--quiet", stage, "--preset", PRESET, "--set", f"train.steps={steps}")
-    p.overrides = {"train": {"steps": steps}}  # type: ignore[attr-defined]
+        p.ddcore("--quiet", stage, "--preset", PRESET, "--set", f"dd1.train.steps={steps}")
+    p.overrides = {"dd1": {"train": {"steps": steps}}}  # type: ignore[attr-defined]
     return p
 
 
-def layout_of(p: MicroProject, tracking: str) -> stages.Layout:
-    return dataclasses.replace(stages.Layout.create(PRESET, root=p.root), tracking_uri=tracking)
+def layout_of(p: MicroProject, tracking: str) -> Layout:
+    return dataclasses.replace(Layout.create(PRESET, root=p.root), tracking_uri=tracking)
 
 
 def preset_of(p: MicroProject, **promote):
@@ -93,9 +98,9 @@ def preset_of(p: MicroProject, **promote):
 
 def scores_of(p: MicroProject) -> Scores:
     preset = preset_of(p)
-    ev = json.loads((p.root / "metrics" / PRESET / "eval.json").read_text())
-    be = json.loads((p.root / "metrics" / PRESET / "bench.json").read_text())
-    return registry.headline_scores(preset, ev, be)[1]
+    ev = EvalResult.load(p.root / "metrics" / PRESET / "eval.json")
+    be = BenchResult.load(p.root / "metrics" / PRESET / "bench.json")
+    return gate.headline_scores(preset, ev, be)[1]
 
 
 def assert_no_secret(client: MlflowClient, run_id: str, name: str, version: str) -> None:
@@ -120,7 +125,7 @@ def registered(project, tmp_path_factory):
         mp.setenv("DD_HF_TOKEN", SECRET)
         get_settings.cache_clear()
         try:
-            res = registry.register_student(PRESET, preset_of(project), layout, flow_run_id="flow-run-123")
+            res = register_student(PRESET, preset_of(project), layout, flow_run_id="flow-run-123")
         finally:
             get_settings.cache_clear()
             if os.environ.get("AWS_SECRET_ACCESS_KEY") == SECRET:  # exported for boto3 by configure()
@@ -136,7 +141,7 @@ def test_an_eval_scored_against_another_reference_is_refused():
     def check(param: str, scored_name: str | None) -> None:
         preset = load_preset(PRESET, overrides={"eval": {"num_samples": 64, "seed": 3, "reference": param}})
         ref = {} if scored_name is None else {"reference": {"name": scored_name}}
-        registry.check_scored_protocol(preset, {**scored, **ref}, "eval.json")
+        gate.check_scored_protocol(preset, EvalResult({**scored, **ref}), "eval.json")
 
     check("world", "world")
     check("refs/val.npz", "/project/refs/val.npz")  # relative param, resolved against the project
@@ -160,7 +165,7 @@ def test_register_logs_everything(registered, project):
     run = c.get_run(res["run_id"])
     p, t, m = run.data.params, run.data.tags, run.data.metrics
     preset = preset_of(project)
-    assert p["train.steps"] == str(preset.train.steps) and p["teacher.name"] == "micro"
+    assert p["dd1.train.steps"] == str(preset.dd1.train.steps) and p["teacher.name"] == "micro"
     assert t["teacher"] == "micro" and t["method"] == "dd1" and t["prefect_flow_run_id"] == "flow-run-123"
     assert t["steps"] == "1" or t["steps"].isdigit()
     assert len(t["git_commit"].split("-")[0]) == 40
@@ -181,7 +186,7 @@ def test_register_logs_everything(registered, project):
 
 
 def test_registering_the_same_student_again_returns_the_version(registered, project):
-    again = registry.register_student(PRESET, preset_of(project), registered["layout"])
+    again = register_student(PRESET, preset_of(project), registered["layout"])
     assert again["version"] == registered["res"]["version"] and again["reused"]
     # the same record as the first registration (registry.json does not change on a re-run)
     assert {**again, "reused": False} == registered["res"]
@@ -201,26 +206,26 @@ def test_a_student_rescored_under_another_protocol_is_a_new_version_the_gate_kee
     rescored = MicroProject(root, project.env, 0, "")
     seed = preset_of(project).eval.seed + 1
     with pytest.raises(ValueError, match=r"eval\.json was scored with seed .*re-run the evaluate stage"):
-        registry.register_student(
+        register_student(
             PRESET,
             load_preset(PRESET, root / "params.yaml", overrides={"eval": {"seed": seed}}),
             layout_of(rescored, tracking),
         )
     rescored.ddcore("--quiet", "evaluate", "--preset", PRESET, "--set", f"eval.seed={seed}")
-    r1 = registry.register_student(PRESET, preset_of(project), layout_of(project, tracking))
+    r1 = register_student(PRESET, preset_of(project), layout_of(project, tracking))
     preset2 = load_preset(PRESET, root / "params.yaml", overrides={"eval": {"seed": seed}})
-    r2 = registry.register_student(PRESET, preset2, layout_of(rescored, tracking))
+    r2 = register_student(PRESET, preset2, layout_of(rescored, tracking))
     assert (r1["version"], r2["version"]) == ("1", "2") and r1["decision"]["promote"]
     assert not r2["decision"]["promote"] and "another evaluation protocol" in r2["decision"]["reason"]
     c = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     v1, v2 = c.get_model_version("dd-micro", "1"), c.get_model_version("dd-micro", "2")
     assert v1.tags["student_sha256"] == v2.tags["student_sha256"]
-    assert v1.tags["eval_protocol"] != v2.tags["eval_protocol"] == registry.eval_protocol(preset2)
+    assert v1.tags["eval_protocol"] != v2.tags["eval_protocol"] == gate.eval_protocol(preset2)
     assert v2.tags["champion_eval_protocol"] == v1.tags["eval_protocol"]
     assert str(c.get_model_version_by_alias("dd-micro", "champion").version) == "1"
     # registering either again finds its own version
-    assert registry.register_student(PRESET, preset2, layout_of(rescored, tracking))["version"] == "2"
-    again = registry.register_student(PRESET, preset_of(project), layout_of(project, tracking))
+    assert register_student(PRESET, preset2, layout_of(rescored, tracking))["version"] == "2"
+    again = register_student(PRESET, preset_of(project), layout_of(project, tracking))
     assert (
         again["version"] == "1"
         and again["reused"]
@@ -244,8 +249,8 @@ def test_pyfunc_loads_and_predicts_images(registered, project):
     # the model reproduces the preset's own sampler exactly
     preset = preset_of(project)
     layout = registered["layout"]
-    teacher, _ = stages.load_teacher(preset, layout.teacher_dir, device="cpu")
-    (s,) = stages.build_samplers(preset, teacher, layout.student_dir, [registry.headline_sampler(preset)])
+    teacher, _ = load_teacher(preset, layout.teacher_dir, device="cpu")
+    (s,) = build_samplers([gate.headline_sampler(preset)], teacher, layout.student_dir, preset)
     ref = (
         (s.images(torch.tensor(labels), seeds).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     )
@@ -265,8 +270,8 @@ def test_promotion_gate_with_two_students(project, second, tmp_path, outcome):
         gate = {"max_fid_ratio": 0.5 * f_new.fid / f_first.fid, "max_latency_ratio": 1000.0}
     else:
         gate = {"max_fid_ratio": 2.0 * f_new.fid / f_first.fid, "max_latency_ratio": 1000.0}
-    r1 = registry.register_student(PRESET, preset_of(first), layout_of(first, tracking))
-    r2 = registry.register_student(PRESET, preset_of(new, **gate), layout_of(new, tracking))
+    r1 = register_student(PRESET, preset_of(first), layout_of(first, tracking))
+    r2 = register_student(PRESET, preset_of(new, **gate), layout_of(new, tracking))
     assert (r1["version"], r2["version"]) == ("1", "2")
     c = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     champ = str(c.get_model_version_by_alias("dd-micro", "champion").version)
@@ -293,13 +298,13 @@ def test_tracking_server_with_s3_artifacts(project, tmp_path, monkeypatch):
         # the client talks only to the server (proxied artifacts): no S3 credentials here
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
             monkeypatch.delenv(k, raising=False)
-        res = registry.register_student(PRESET, preset_of(project), layout_of(project, srv.url))
+        res = register_student(PRESET, preset_of(project), layout_of(project, srv.url))
         keys = s3_keys(s3["client"], "ddcore-mlflow")
         assert any(k.endswith("metrics/eval.json") for k in keys), keys[:20]
         assert any(k.endswith(".safetensors") and "/student/" in k for k in keys), "model files must be in S3"
         assert res["run_url"].startswith(srv.url)
 
-        model = registry.load_model("dd-micro", "champion", tracking_uri=srv.url)
+        model = store.load_model("dd-micro", "champion", tracking_uri=srv.url)
         out = model.predict({"label": [1, 2], "seed": [5, 6]})
         assert out.dtype == np.uint8 and out.shape[0] == 2
 
@@ -319,29 +324,31 @@ def test_local_store_with_s3_artifacts_by_settings(project, tmp_path, monkeypatc
         get_settings.cache_clear()
         try:
             tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-            res = registry.register_student(PRESET, preset_of(project), layout_of(project, tracking))
+            res = register_student(PRESET, preset_of(project), layout_of(project, tracking))
             keys = s3_keys(s3["client"], "ddcore-artifacts")
             assert keys and all(k.startswith("mlflow/") for k in keys)
             assert any(k.endswith("student/student.safetensors") for k in keys)
-            model = registry.load_model("dd-micro", res["version"], tracking_uri=tracking)
+            model = store.load_model("dd-micro", res["version"], tracking_uri=tracking)
             assert model.predict({"label": [3], "seed": [9]}).shape[0] == 1
         finally:
             get_settings.cache_clear()
             for k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                os.environ.pop(k, None)  # exported by registry.configure from the settings
+                os.environ.pop(k, None)  # exported by store.configure from the settings
 
 
 def test_compiled_sampler_rows_log_under_valid_metric_names(tmp_path):
     """bench rows such as "dd1-1step+compile" carry a character MLflow rejects in metric names."""
     assert (
-        registry.metric_name("bench/world/dd1-1step+compile/speedup")
-        == "bench/world/dd1-1step_compile/speedup"
+        store.metric_name("bench/world/dd1-1step+compile/speedup") == "bench/world/dd1-1step_compile/speedup"
     )
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=tracking)
     run_id = c.create_run(c.create_experiment("names")).info.run_id
-    rows = {"teacher+compile": {"speedup": 1.0}, "dd1-1step+compile": {"speedup": 9.5, "name": "x"}}
-    registry._log_table_metrics(c, run_id, "bench/world", rows)
+    rows = [
+        {"sampler": "teacher+compile", "speedup": 1.0},
+        {"sampler": "dd1-1step+compile", "speedup": 9.5, "name": "x"},
+    ]
+    store.log_table_metrics(c, run_id, "bench/world", rows)
     assert c.get_run(run_id).data.metrics == {
         "bench/world/teacher_compile/speedup": 1.0,
         "bench/world/dd1-1step_compile/speedup": 9.5,

@@ -1,9 +1,8 @@
-"""Checkpoint sources (local, s3 via a real moto server, hf offline) and the LlamaGen registry."""
+"""Checkpoint sources (local, s3 via a real moto server, hf offline) and the LlamaGen catalogue."""
 
 import pytest
 from moto.server import ThreadedMotoServer
 
-from ddcore.params import KNOWN_TEACHERS
 from ddcore.settings import Settings
 from ddcore.sources import (
     KNOWN_CHECKPOINTS,
@@ -11,11 +10,14 @@ from ddcore.sources import (
     SourceError,
     find_checkpoint,
     get_checkpoint,
-    llamagen_block_size_from_filename,
-    llamagen_info_from_filename,
     parse_hf_source,
     register_checkpoint,
     resolve_source,
+)
+from ddcore.teachers.llamagen.catalogue import (
+    PUBLISHED_TEACHERS,
+    llamagen_block_size_from_filename,
+    llamagen_info_from_filename,
 )
 
 
@@ -89,8 +91,7 @@ def test_parse_hf_source():
 
 
 def test_registry_covers_the_llamagen_teachers():
-    names = [n for n in KNOWN_TEACHERS if n.startswith("llamagen")]
-    assert names and all(n in KNOWN_CHECKPOINTS for n in names)
+    assert PUBLISHED_TEACHERS and all(n in KNOWN_CHECKPOINTS for n in PUBLISHED_TEACHERS)
     b = get_checkpoint("llamagen-b")
     assert (b.filename, b.config, b.image_size, b.block_size) == ("c2i_B_256.pt", "GPT-B", 256, 256)
     assert b.source == "hf://FoundationVision/LlamaGen/c2i_B_256.pt"
@@ -104,7 +105,7 @@ def test_registry_covers_the_llamagen_teachers():
     assert get_checkpoint("llamagen-3b-384").layout == "raw"
     assert get_checkpoint("vq-ds16-c2i").filename == "vq_ds16_c2i.pt"
     assert get_checkpoint("vq-ds8-c2i").config == "VQ-8"
-    # VAR entries appear once ddcore.teachers.var.teacher is imported; they never shadow a LlamaGen name
+    # VAR entries appear once ddcore.teachers.var.catalogue is imported; they never shadow a LlamaGen name
     assert all(KNOWN_CHECKPOINTS[n].family == "var" for n in KNOWN_CHECKPOINTS if n.startswith("var"))
     with pytest.raises(KeyError, match="unknown checkpoint"):
         get_checkpoint("llamagen-q")

@@ -12,6 +12,12 @@ import torch
 from ddcore.checkpoints import CheckpointError
 from ddcore.params import SamplingParams, TinyWorldParams, load_preset
 from ddcore.teachers.llamagen.teacher import LlamaGenTeacher
+from ddcore.teachers.llamagen.tiny_world import (
+    check_quality,
+    load_tiny_world,
+    prepare_tiny_world,
+    stage_hashes,
+)
 from ddcore.tiny.data import make_dataset, make_dataset_with_attributes, to_model_range, to_unit
 from ddcore.tiny.evaluator import (
     EvaluatorConfig,
@@ -22,7 +28,6 @@ from ddcore.tiny.evaluator import (
     save_evaluator,
     train_evaluator,
 )
-from ddcore.teachers.llamagen.tiny_world import check_quality, load_tiny_world, prepare_tiny_world, stage_hashes
 
 PARTS = ("evaluator", "vq", "tokens", "gpt", "quality")
 FILES = [f"{p}.{ext}" for p in ("evaluator", "vq", "tokens", "gpt") for ext in ("safetensors", "json")]

@@ -290,7 +290,13 @@ def test_cached_stepping_equals_masked_forward():
             if si + 1 < len(PATCH_NUMS):
                 f_hat, nxt = vq.next_input(si, f_hat, vq.embed_scale(tok))
                 logits = var.step(var.scale_input(si + 1, nxt), cond, cache)
-        assert cache.length == var.cfg.seq_len and cache.k[0].shape[2] == var.cfg.seq_len
+        assert len(cache) == var.cfg.depth and all(c.length == var.cfg.seq_len for c in cache)
+        assert cache[0].k.shape == (
+            3,
+            var.cfg.num_heads,
+            var.cfg.seq_len,
+            var.cfg.embed_dim // var.cfg.num_heads,
+        )
         full = var.forward_teacher(tokens, labels, vq)
     torch.testing.assert_close(full, torch.cat(step_logits, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(full.argmax(-1), torch.cat(tokens, 1))

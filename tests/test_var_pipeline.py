@@ -1,7 +1,7 @@
 """The VAR family through the same pipeline stages as LlamaGen (`micro-var`: test scale).
 
 prepare (VQVAE, VAR, judge) -> trajectories over scales -> DD1 VAR student -> evaluate -> bench,
-with the stage functions the Prefect tasks and the DVC stages call.
+through the runner the Prefect tasks and the DVC stages call.
 """
 
 from __future__ import annotations
@@ -13,15 +13,9 @@ import pytest
 from ddcore.methods.dd1.students import load_student
 from ddcore.methods.dd1.var_student import DD1VARStudent
 from ddcore.params import load_preset
-from ddcore.stages import (
-    bench_stage,
-    distill_stage,
-    evaluate_stage,
-    generate_trajectories_stage,
-    layout_for,
-    load_teacher,
-    prepare_teacher,
-)
+from ddcore.pipeline.layout import layout_for
+from ddcore.pipeline.runner import run_stage
+from ddcore.teachers.loading import load_teacher
 from ddcore.teachers.var.tiny_world import check_var_quality, scale_prefix_accuracy
 
 PRESET = "micro-var"
@@ -33,11 +27,8 @@ def run(tmp_path_factory) -> dict:
     preset = load_preset(PRESET)
     layout = layout_for(PRESET, root=root)
     out = {"layout": layout, "preset": preset}
-    out["prepare"] = prepare_teacher(PRESET, preset, layout, progress=False)
-    out["trajectories"] = generate_trajectories_stage(PRESET, preset, layout=layout, progress=False)
-    out["distill"] = distill_stage(PRESET, preset, layout, progress=False)
-    out["evaluate"] = evaluate_stage(PRESET, preset, layout, progress=False)
-    out["bench"] = bench_stage(PRESET, preset, layout, progress=False)
+    for stage in ("prepare", "trajectories", "distill", "evaluate", "bench"):
+        out[stage] = run_stage(PRESET, preset, layout, stage, progress=False)
     return out
 
 
@@ -46,7 +37,7 @@ def test_prepare_trains_a_var_world(run):
     assert info["family"] == "var" and info["kind"] == "tiny"
     report = info["report"]
     assert report["patch_nums"] == [1, 2, 3, 4, 6, 8]
-    assert report["teacher"]["sampling"]["cfg_scale"] == 4.0  # the preset's sampling, not a fixed one
+    assert report["teacher"]["sampling"]["cfg_scale"] == 5.0  # the preset's sampling, not a fixed one
     assert set(report["teacher"]["sample_accuracy_per_class"]) and report["teacher"]["num_samples"] == 500
     assert 0.0 <= report["vq"]["recon_accuracy"] <= 1.0 and report["vq"]["recon_accuracy_ratio"] > 0
 

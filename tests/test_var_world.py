@@ -10,7 +10,6 @@ from var_helpers import random_images, small_var_config, small_vq_config, small_
 from ddcore.models.var import VAR
 from ddcore.params import TinyWorldParams
 from ddcore.teachers.var.teacher import VARTeacher
-from ddcore.tiny.data import make_dataset, to_model_range
 from ddcore.teachers.var.tiny_world import (
     encode_images,
     init_var_weights,
@@ -19,6 +18,7 @@ from ddcore.teachers.var.tiny_world import (
     train_var,
     train_var_vqvae,
 )
+from ddcore.tiny.data import make_dataset, to_model_range
 
 
 def test_tiny_var_configs():

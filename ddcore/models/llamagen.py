@@ -8,7 +8,8 @@ zeroes the class token's q and k), SDPA attention, logits in fp32.
 Positions: the class token sits at position 0 and image token t (raster order) at t + 1.
 `forward_teacher` is the teacher-forced forward (logits[:, i] predicts token i from the label and
 tokens[:, :i]); `prefill` / `decode_step` run the same network one token at a time over a
-preallocated KV cache, so greedy cached decoding equals the argmax of the full forward.
+preallocated KV cache per layer (`ddcore.models.kv_cache`), so greedy cached decoding equals
+the argmax of the full forward.
 
 Decoding has two equivalent paths. With an int position the step attends over the cache prefix
 (shapes change every token: fine eagerly). With the position as a device tensor
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from ddcore.models.attention import attend
 from ddcore.models.compiled import compiled, default_mode
+from ddcore.models.kv_cache import KVCache
 
 __all__ = [
     "GPT",
@@ -36,7 +38,6 @@ __all__ = [
     "GPT_CONFIGS",
     "Attention",
     "FeedForward",
-    "KVCache",
     "LabelEmbedder",
     "RMSNorm",
     "TransformerBlock",
@@ -250,45 +251,6 @@ class FeedForward(nn.Module):
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-class KVCache:
-    """Preallocated (B, H_kv, S_max, hd) keys and values. A plain object: never in the state dict.
-
-    The tensors are marked as fixed-address inputs for torch.compile, so a CUDA graph of the
-    compiled decode step writes into them in place instead of copying them on every replay.
-    """
-
-    def __init__(self, batch: int, max_seq: int, n_kv_head: int, head_dim: int, dtype, device):
-        shape = (batch, n_kv_head, max_seq, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        torch._dynamo.mark_static_address(self.k)
-        torch._dynamo.mark_static_address(self.v)
-
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, S, hd) at [start, start+S); return views of everything up to there."""
-        end = start + k.shape[2]
-        if end > self.k.shape[2] or k.shape[0] > self.k.shape[0]:
-            raise ValueError(
-                f"KV cache overflow: positions up to {end} / batch {k.shape[0]} vs {tuple(self.k.shape)}"
-            )
-        b = k.shape[0]
-        self.k[:b, :, start:end] = k
-        self.v[:b, :, start:end] = v
-        return self.k[:b, :, :end], self.v[:b, :, :end]
-
-    def update_at(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, S, hd) at the cache indices `pos` (S,) held in a tensor; return the
-        whole (B, H, S_max, hd) caches. Static shapes and no host read of `pos`: the caller masks
-        the positions not written yet. Indices are not range-checked (that would sync)."""
-        b = k.shape[0]
-        if b > self.k.shape[0]:
-            raise ValueError(f"KV cache overflow: batch {b} vs {tuple(self.k.shape)}")
-        k_out, v_out = self.k[:b], self.v[:b]
-        k_out[:, :, pos] = k
-        v_out[:, :, pos] = v
-        return k_out, v_out
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -470,8 +432,8 @@ class GPT(nn.Module):
             return
         c = self.cfg
         for lay in self.layers:
-            lay.attention.kv_cache = KVCache(
-                max_batch_size, max_seq, c.kv_heads, c.head_dim, dtype, self.device
+            lay.attention.kv_cache = KVCache(max_seq).allocate(
+                max_batch_size, c.kv_heads, c.head_dim, dtype, self.device
             )
         self._cache_shape = shape
         torch._dynamo.mark_static_address(self._freqs(self.device))

@@ -16,8 +16,9 @@ softmax scale is 1. The qkv bias is (q_bias, 0, v_bias); the zero is a buffer (`
 Two ways to run it:
   * `forward` / `forward_teacher`: the whole pyramid with the block-causal mask (training, NLL,
     teacher-forced probabilities). Labels are dropped (-> the null class) only when asked.
-  * `KVCache` + `step`: one scale at a time, attending to the cache without a mask; equal to the
-    masked forward up to float rounding.
+  * `new_cache` + `step`: one scale at a time, each block appending the scale's keys and values
+    to its preallocated KV cache (`ddcore.models.kv_cache`, one per block) and attending to the
+    cache without a mask; equal to the masked forward up to float rounding.
 The VQVAE is never a submodule: the state dict stays exactly the official one.
 """
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddcore.models.attention import attend
+from ddcore.models.kv_cache import KVCache
 from ddcore.models.var_vqvae import OFFICIAL_PATCH_NUMS
 
 if TYPE_CHECKING:
@@ -111,21 +113,6 @@ def var_config(name: str) -> VARConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-class KVCache:
-    """Per-block keys/values of every scale fed so far, (B, H, L_so_far, head_dim) each."""
-
-    def __init__(self, depth: int):
-        self.k: list[Tensor | None] = [None] * depth
-        self.v: list[Tensor | None] = [None] * depth
-        self.length = 0  # positions fed so far (updated by VAR.step)
-
-    def extend(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k[i] is not None:
-            k, v = torch.cat((self.k[i], k), dim=2), torch.cat((self.v[i], v), dim=2)
-        self.k[i], self.v[i] = k, v
-        return k, v
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -144,9 +131,8 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(c))
         self.proj = nn.Linear(c, c)
 
-    def forward(
-        self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None, layer: int = 0
-    ) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """With a cache, this scale's keys and values are appended to it and attended with it."""
         b, n, c = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim)
@@ -155,7 +141,7 @@ class SelfAttention(nn.Module):
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             k = F.normalize(k, dim=-1)
         if cache is not None:
-            k, v = cache.extend(layer, k, v)
+            k, v = cache.append(k, v)
         out = attend(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -189,17 +175,22 @@ class AdaLNSelfAttn(nn.Module):
         cond: Tensor,
         mask: Tensor | None = None,
         cache: KVCache | None = None,
-        layer: int = 0,
+        nd: Tensor | None = None,
     ) -> Tensor:
-        """cond: (B, D) class embedding, or (B, 1, 6, C) from the shared AdaLN when shared_aln."""
+        """cond: (B, D) class embedding, or (B, 1, 6, C) from the shared AdaLN when shared_aln.
+
+        `nd` (broadcastable to x), when given, is added to the residual stream between attention
+        and FFN: the DD1 VAR student's per-block noise/data embedding (the teacher passes none).
+        """
         if self.shared_aln:
             mods = self.ada_gss + cond
         else:
             mods = self.ada_lin(cond).view(-1, 1, 6, x.shape[-1])
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
-        x = x + self.attn(self.ln(x) * (1 + scale1) + shift1, mask, cache, layer) * gamma1
-        x = x + self.ffn(self.ln(x) * (1 + scale2) + shift2) * gamma2
-        return x
+        x = x + self.attn(self.ln(x) * (1 + scale1) + shift1, mask, cache) * gamma1
+        if nd is not None:
+            x = x + nd
+        return x + self.ffn(self.ln(x) * (1 + scale2) + shift2) * gamma2
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -303,8 +294,8 @@ class VAR(nn.Module):
         x = torch.cat((sos, self.word_embed(x_wo_first_l.float())), dim=1) + self.lvl_pos(0, seq)
         mask = self.attn_bias_for_masking.to(x.dtype)
         bc = self.block_cond(cond)
-        for i, block in enumerate(self.blocks):
-            x = block(x, bc, mask=mask, layer=i)
+        for block in self.blocks:
+            x = block(x, bc, mask=mask)
         return self.logits(x, cond)
 
     def forward_teacher(
@@ -315,17 +306,17 @@ class VAR(nn.Module):
         return self.forward(labels, vqvae.idx_to_var_input(tokens), drop_labels=drop_labels)
 
     # --- KV-cached stepping --------------------------------------------------------------------
-    def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.depth)
+    def new_cache(self) -> list[KVCache]:
+        """One KV cache per block, each for the whole pyramid (allocated by the first `step`)."""
+        return [KVCache(self.cfg.seq_len) for _ in self.blocks]
 
-    def step(self, x: Tensor, cond: Tensor, cache: KVCache) -> Tensor:
+    def step(self, x: Tensor, cond: Tensor, cache: list[KVCache]) -> Tensor:
         """Feed one scale's input (B, pn*pn, C) (from first_input / scale_input) -> its logits.
 
         No mask is needed: the cache holds exactly the coarser scales, and within a scale all
         positions see each other.
         """
         bc = self.block_cond(cond)
-        for i, block in enumerate(self.blocks):
-            x = block(x, bc, cache=cache, layer=i)
-        cache.length += x.shape[1]
+        for block, block_cache in zip(self.blocks, cache, strict=True):
+            x = block(x, bc, cache=block_cache)
         return self.logits(x, cond)

@@ -15,7 +15,6 @@ images are blurrier and noisier than the renders and must not be rejected for th
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ddcore.tiny.data import ATTRIBUTE_NAMES, CLASS_NAMES, to_unit
+from ddcore.tiny.training import cosine_with_warmup as cosine_with_warmup  # re-exported: older imports
+from ddcore.tiny.training import optimise, random_batch, seeded, step_bar, warmup_cosine
 
 # seeds of the teacher samples the judge scores in a world's quality check (both families)
 SAMPLE_SEED_BASE = 1_000_000
@@ -132,8 +132,7 @@ def train_evaluator(
     progress: bool = True,
 ) -> TinyEvaluator:
     """Train on uint8 images (N, H, W, 3); returns the network in eval mode."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     model = TinyEvaluator(cfg).to(memory_format=torch.channels_last)
     x_all = to_unit(images)
     y_all = torch.as_tensor(labels, dtype=torch.long)
@@ -141,32 +140,18 @@ def train_evaluator(
     a_mask = ~torch.isnan(a_all)
     a_all = torch.nan_to_num(a_all)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, steps, min(50, steps // 10))
-    )
+    sched = warmup_cosine(opt, steps, max_warmup=50)
     model.train()
-    bar = tqdm(range(steps), desc="evaluator", disable=not progress, mininterval=2.0)
+    bar = step_bar(steps, "evaluator", progress)
     for _ in bar:
-        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=g)
+        idx = random_batch(x_all.shape[0], batch_size, g)
         logits, attr = model.forward_all(augment(x_all[idx], g))
         ce = F.cross_entropy(logits, y_all[idx])
         m = a_mask[idx]
         mse = ((attr - a_all[idx]) ** 2 * m).sum() / m.sum().clamp_min(1)
-        loss = ce + attr_weight * mse
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimise(opt, sched, ce + attr_weight * mse)
         bar.set_postfix(ce=f"{ce.item():.3f}", attr=f"{mse.item():.4f}", refresh=False)
     return model.eval()
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
-    """LR multiplier: linear warmup, then cosine from 1 down to `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 @torch.no_grad()

@@ -24,7 +24,15 @@ from ddcore.teachers.base import Teacher, teacher_fingerprint
 from ddcore.teachers.llamagen.catalogue import suggest_llamagen
 from ddcore.teachers.var.catalogue import suggest_var
 
-__all__ = ["STUDENT", "StudentSpec", "load_student", "new_student", "register_student_family", "student_spec"]
+__all__ = [
+    "STUDENT",
+    "StudentSpec",
+    "load_student",
+    "new_student",
+    "register_student_family",
+    "student_spec",
+    "unregister_student_family",
+]
 
 STUDENT = "student"
 
@@ -69,6 +77,12 @@ def register_student_family(family: str, spec: StudentSpec, replace: bool = Fals
     if family in _SPECS and not replace and _SPECS[family] != spec:
         raise ValueError(f"a DD1 student for family {family!r} is already registered")
     _SPECS[family] = spec
+
+
+def unregister_student_family(family: str) -> None:
+    if family in ("llamagen", "var"):
+        raise ValueError(f"{family!r} is a built-in family")
+    _SPECS.pop(family, None)
 
 
 def student_spec(family: str) -> StudentSpec:

@@ -11,9 +11,10 @@ Layout (the released `VAR-DD/var-d{16,20,24}.pth` students, `DD_Model` in the DD
   * attention: a token at level k sees all strictly lower levels and itself only. Within a scale
     q_j = f(eps_j, previous scales), so a token must not mix with its scale-mates' noise.
   * noise/data flag: `n_d_embed` = Embedding(2, C) added at the input (1 for sos and data
-    positions), and `layerwise_n_d_embed` = Linear(C, C) x (depth + 1): block i adds its projection
-    between attention and FFN, the last one is added before both heads. The flag is the only time
-    signal (t = number of data scales; data positions are < L - sum_{s>=t} pn_s^2).
+    positions), and `layerwise_n_d_embed` = Linear(C, C) x (depth + 1): block i (the teacher's
+    `AdaLNSelfAttn`, its `nd` argument) adds its projection between attention and FFN, the last
+    one is added before both heads. The flag is the only time signal (t = number of data
+    scales; data positions are < L - sum_{s>=t} pn_s^2).
   * heads: the teacher's logits head (`head_nm` + `head`) and a continuous PixArt-style
     `final_layer_conti` (C -> Cvae, adaLN on the class embedding). Outputs are [:, 1:], so output
     j belongs to input position j (token j predicts itself: q_j from eps_j and coarser scales).
@@ -61,24 +62,6 @@ def student_mask(patch_nums: tuple[int, ...]) -> Tensor:
     return bias.view(1, 1, lvl.numel(), lvl.numel())
 
 
-class NDBlock(AdaLNSelfAttn):
-    """The teacher's AdaLN block (same parameters) with the projected noise/data embedding added
-    between attention and FFN, so every layer is told which positions are still noise."""
-
-    def forward(  # type: ignore[override]
-        self, x: Tensor, cond: Tensor, mask: Tensor | None = None, nd: Tensor | None = None
-    ) -> Tensor:
-        if self.shared_aln:
-            mods = self.ada_gss + cond
-        else:
-            mods = self.ada_lin(cond).view(-1, 1, 6, x.shape[-1])
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
-        x = x + self.attn(self.ln(x) * (1 + scale1) + shift1, mask) * gamma1
-        if nd is not None:
-            x = x + nd
-        return x + self.ffn(self.ln(x) * (1 + scale2) + shift2) * gamma2
-
-
 class DD1VARStudent(StudentReadout, nn.Module):
     def __init__(self, cfg: VARConfig, codebook: Tensor):
         super().__init__()
@@ -96,7 +79,7 @@ class DD1VARStudent(StudentReadout, nn.Module):
         self.lvl_embed = nn.Embedding(n_scales + 1, c)
         if cfg.shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(c, 6 * c))
-        self.blocks = nn.ModuleList([NDBlock(cfg) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([AdaLNSelfAttn(cfg) for _ in range(cfg.depth)])
         self.head_nm = AdaLNBeforeHead(cfg)
         self.head = nn.Linear(c, cfg.vocab_size)
         self.n_d_embed = nn.Embedding(2, c)
@@ -224,7 +207,7 @@ class DD1VARStudent(StudentReadout, nn.Module):
         mask = self.attn_bias_for_masking.to(h.dtype)
         bc = self.shared_ada_lin(cond) if self.cfg.shared_aln else cond
         for block, proj in zip(self.blocks, self.layerwise_n_d_embed, strict=False):
-            h = block(h, bc, mask, proj(nd))
+            h = block(h, bc, mask, nd=proj(nd))
         h = h.float() + self.layerwise_n_d_embed[-1](nd).float()
         return h, cond, nd
 

@@ -13,11 +13,10 @@ import math
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddcore.models.llamagen import GPT, GPTConfig
 from ddcore.params import TinyWorldParams
-from ddcore.tiny.evaluator import cosine_with_warmup
+from ddcore.tiny.training import optimise, random_batch, seeded, step_bar, warmup_cosine
 
 
 def gpt_config_for(world: TinyWorldParams, grid_size: int) -> GPTConfig:
@@ -70,24 +69,18 @@ def train_gpt(
     """
     if tokens.shape[1] != cfg.block_size:
         raise ValueError(f"tokens have length {tokens.shape[1]}, the GPT block_size is {cfg.block_size}")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     model = GPT(cfg)
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
-    warmup = min(100, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup))
+    sched = warmup_cosine(opt, steps, max_warmup=100)
     tokens, labels = tokens.long(), labels.long()
     ema = math.nan
     model.train()
-    bar = tqdm(range(steps), desc="gpt", disable=not progress, mininterval=2.0)
+    bar = step_bar(steps, "gpt", progress)
     for _ in bar:
-        idx = torch.randint(0, tokens.shape[0], (batch_size,), generator=g)
+        idx = random_batch(tokens.shape[0], batch_size, g)
         _, loss = model.forward_train(tokens[idx], labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimise(opt, sched, loss, clip=1.0, params=model.parameters())
         ema = loss.item() if math.isnan(ema) else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
     model.eval()

@@ -15,11 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddcore.models.vq import VQConfig, VQModel
 from ddcore.params import TinyWorldParams
-from ddcore.tiny.evaluator import cosine_with_warmup
+from ddcore.tiny.training import optimise, random_batch, seeded, step_bar, warmup_cosine
 
 
 def _groups_for(channels: list[int], preferred: int = 32) -> int:
@@ -83,29 +82,23 @@ def train_vq(
     Dead codes are re-seeded every `reseed_every` steps during the first `reseed_until` fraction
     of training. Stats: final losses (smoothed) and the fraction of the codebook in use.
     """
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     model = VQModel(cfg).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = min(100, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup))
+    sched = warmup_cosine(opt, steps, max_warmup=100)
     counts = torch.zeros(cfg.codebook_size, dtype=torch.long)
     ema: dict[str, float] = {}
     reseeded = 0
     model.train()
-    bar = tqdm(range(steps), desc="vq", disable=not progress, mininterval=2.0)
+    bar = step_bar(steps, "vq", progress)
     for step in bar:
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+        idx = random_batch(images.shape[0], batch_size, g)
         x = images[idx].contiguous(memory_format=torch.channels_last)
         z_q, vq_losses, codes = model.quantize(model.encode_latent(x))
         recon = model.decoder(model.post_quant_conv(z_q))
         l1 = (recon - x).abs().mean()
         l2 = F.mse_loss(recon, x)
-        loss = l1 + l2 + vq_losses["codebook"] + vq_losses["commit"] + vq_losses["entropy"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimise(opt, sched, l1 + l2 + vq_losses["codebook"] + vq_losses["commit"] + vq_losses["entropy"])
         counts += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
         if (step + 1) % reseed_every == 0:
             if step + 1 <= reseed_until * steps:

@@ -8,60 +8,43 @@ an evaluator network that also serves as the FID feature extractor. See docs/tin
 Each part is saved as `name.safetensors` + `name.json`; the JSON carries a hash of everything
 the part depends on (its parameters, the hashes of its inputs, a code version). A part whose
 files exist with the same hash is loaded instead of rebuilt, so an interrupted preparation
-resumes where it stopped and a finished one is a no-op.
+resumes where it stopped and a finished one is a no-op. The resumable build itself (parts,
+hashes, timing, threads, the judge, grids) is `ddcore.tiny.builder`, shared with the VAR world;
+this module holds what is LlamaGen's: its tokenizer and GPT parts, their hashes, the quality
+measurements and the quality bar.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ddcore.checkpoints import (
-    CheckpointError,
-    atomic_path,
-    atomic_write_json,
-    load_model_config,
-    load_safetensors_model,
-    load_state_dict_file,
-    save_model,
-)
+from ddcore.checkpoints import load_safetensors_model, load_state_dict_file, save_model
 from ddcore.models.llamagen import GPT, GPTConfig
 from ddcore.models.vq import VQConfig, VQModel
 from ddcore.params import SamplingParams, TinyWorldParams
 from ddcore.teachers.llamagen.catalogue import suggest_llamagen
 from ddcore.teachers.llamagen.tiny_gpt import gpt_config_for, mean_nll, train_gpt
 from ddcore.teachers.llamagen.tiny_vq import codebook_usage, reconstruct, tokenize, train_vq, vq_config_for
-from ddcore.tiny.data import (
-    CLASS_NAMES,
-    make_dataset,
-    make_dataset_with_attributes,
-    to_model_range,
-    to_uint8,
-    to_unit,
+from ddcore.tiny.builder import (
+    WorldBuilder,
+    default_world_dir,
+    evaluator_part,
+    judge_reconstructions,
+    part_hash,
+    save_reconstruction_grid,
+    save_sample_grid,
+    world_fields,
 )
-from ddcore.tiny.evaluator import (
-    SAMPLE_SEED_BASE,
-    EvaluatorConfig,
-    TinyEvaluator,
-    accuracy,
-    accuracy_per_class,
-    load_evaluator,
-    save_evaluator,
-    train_evaluator,
-)
+from ddcore.tiny.data import make_dataset, make_dataset_with_attributes, to_model_range, to_unit
+from ddcore.tiny.evaluator import SAMPLE_SEED_BASE, TinyEvaluator, accuracy_per_class, load_evaluator
 
 log = logging.getLogger("ddcore.tiny")
 
@@ -70,6 +53,7 @@ log = logging.getLogger("ddcore.tiny")
 CODE_VERSIONS = {"data": 1, "evaluator": 1, "vq": 1, "tokens": 1, "gpt": 1, "quality": 1}
 HOLDOUT_SEED_OFFSET = 7919  # held-out real images (accuracies); eval's FID reference uses another
 DEFAULT_SAMPLING = SamplingParams(cfg_scale=3.0)
+REPORT_FILE = "world.json"
 
 __all__ = [
     "DEFAULT_SAMPLING",
@@ -81,111 +65,39 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# hashing / bookkeeping
+# hashing
 # --------------------------------------------------------------------------------------------
-def _hash(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def stage_hashes(world: TinyWorldParams, sampling: SamplingParams) -> dict[str, str]:
-    """The dependency hash of every part (chained: a part's hash includes its inputs' hashes)."""
-    w = world.model_dump()
+    """The dependency hash of every part (chained: a part's hash includes its inputs' hashes).
 
-    def pick(*prefixes: str, keys: tuple[str, ...] = ()) -> dict:
-        return {k: v for k, v in w.items() if k.startswith(prefixes) or k in keys}
-
-    data = _hash(
-        {"v": CODE_VERSIONS["data"], **pick(keys=("image_size", "num_classes", "train_images", "seed"))}
-    )
-    evaluator = _hash({"v": CODE_VERSIONS["evaluator"], "data": data, **pick("evaluator_")})
-    vq = _hash({"v": CODE_VERSIONS["vq"], "data": data, **pick("vq_")})
-    tokens = _hash({"v": CODE_VERSIONS["tokens"], "vq": vq})
-    gpt = _hash({"v": CODE_VERSIONS["gpt"], "tokens": tokens, **pick("gpt_", keys=("class_dropout_prob",))})
-    quality = _hash(
-        {
-            "v": CODE_VERSIONS["quality"],
-            "parts": [evaluator, vq, gpt],
-            "sampling": sampling.model_dump(),
-            **pick(keys=("holdout_images", "quality_samples_per_class")),
-        }
+    These are the hashes users' prepared worlds store: any change here rebuilds their worlds."""
+    v, w = CODE_VERSIONS, world
+    data = part_hash(v["data"], world_fields(w, keys=("image_size", "num_classes", "train_images", "seed")))
+    evaluator = part_hash(v["evaluator"], world_fields(w, "evaluator_"), data=data)
+    vq = part_hash(v["vq"], world_fields(w, "vq_"), data=data)
+    tokens = part_hash(v["tokens"], vq=vq)
+    gpt = part_hash(v["gpt"], world_fields(w, "gpt_", keys=("class_dropout_prob",)), tokens=tokens)
+    quality = part_hash(
+        v["quality"],
+        world_fields(w, keys=("holdout_images", "quality_samples_per_class")),
+        parts=[evaluator, vq, gpt],
+        sampling=sampling.model_dump(),
     )
     return {"data": data, "evaluator": evaluator, "vq": vq, "tokens": tokens, "gpt": gpt, "quality": quality}
-
-
-def _finished(base: Path, digest: str) -> dict | None:
-    """The part's JSON if `base`.safetensors/.json exist and were built with `digest`, else None."""
-    if not (
-        base.with_name(base.name + ".safetensors").is_file() and base.with_name(base.name + ".json").is_file()
-    ):
-        return None
-    try:
-        meta = load_model_config(base)
-    except CheckpointError:
-        return None
-    return meta if meta.get("hash") == digest else None
-
-
-@contextlib.contextmanager
-def _threads() -> Iterator[int]:
-    """Apply DD_NUM_THREADS (if set) for the duration of the preparation."""
-    from ddcore.settings import get_settings
-
-    wanted, before = get_settings().num_threads, torch.get_num_threads()
-    if wanted > 0:
-        torch.set_num_threads(wanted)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def default_world_dir(preset: str) -> Path:
-    from ddcore.settings import get_settings
-
-    return get_settings().model_root / preset / "teacher"
 
 
 # --------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------
-class _Clock:
-    """Wall and process-CPU seconds since creation (CPU time is what a busy machine cannot inflate)."""
-
-    def __init__(self) -> None:
-        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
-
-    def times(self) -> dict[str, float]:
-        return {"seconds": time.perf_counter() - self.wall0, "cpu_seconds": time.process_time() - self.cpu0}
-
-
-T = TypeVar("T")
-
-
-def _part(
-    base: Path,
-    digest: str,
-    load: Callable[[dict], T],
-    build: Callable[[], tuple[T, dict]],
-    save: Callable[[T, dict], None],
-) -> tuple[T, dict, bool]:
-    """Load the part at `base` if it was built with `digest`, else build and save it.
-
-    Returns (object, its metadata incl. build `seconds` / `cpu_seconds`, whether it was reused).
-    """
-    if meta := _finished(base, digest):
-        return load(meta), meta, True
-    clock = _Clock()
-    obj, meta = build()
-    meta = {**meta, "hash": digest, **clock.times()}
-    save(obj, meta)
-    return obj, meta, False
+def _data(world: TinyWorldParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training images (with their attributes) and the held-out reference images, all seeded."""
+    images, labels, attrs = make_dataset_with_attributes(
+        world.train_images, world.image_size, world.num_classes, world.seed
+    )
+    hold_images, hold_labels = make_dataset(
+        world.holdout_images, world.image_size, world.num_classes, world.seed + HOLDOUT_SEED_OFFSET
+    )
+    return images, labels, attrs, hold_images, hold_labels
 
 
 def prepare_tiny_world(
@@ -202,59 +114,14 @@ def prepare_tiny_world(
     when it was built (`build_s`, `build_cpu_s`), accuracies, and `problems` from `check_quality`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sampling = sampling or DEFAULT_SAMPLING
-    hashes = stage_hashes(world, sampling)
-    metas: dict[str, dict] = {}
-    timings: dict[str, float] = {}
-    reused: list[str] = []
-    load_start = _loadavg()
-    total = _Clock()
+    with WorldBuilder(out, stage_hashes(world, sampling)) as b:
+        images, labels, attrs, hold_images, hold_labels = b.step("data", lambda: _data(world))
+        log.info("tiny world: %d training images generated in %.1f s", len(labels), b.timings["data"])
 
-    def record(name: str, clock: _Clock, meta: dict, was_reused: bool) -> None:
-        metas[name] = meta
-        timings[name] = 0.0 if was_reused else clock.times()["seconds"]
-        if was_reused:
-            reused.append(name)
-
-    with _threads() as threads:
-        clock = _Clock()
-        images, labels, attrs = make_dataset_with_attributes(
-            world.train_images, world.image_size, world.num_classes, world.seed
+        evaluator = evaluator_part(
+            b, images, labels, attrs, world, seed=world.seed + 1, lr=world.evaluator_lr, progress=progress
         )
-        hold_images, hold_labels = make_dataset(
-            world.holdout_images, world.image_size, world.num_classes, world.seed + HOLDOUT_SEED_OFFSET
-        )
-        record("data", clock, clock.times(), False)
-        log.info("tiny world: %d training images generated in %.1f s", len(labels), timings["data"])
-
-        clock = _Clock()
-
-        def build_evaluator() -> tuple[TinyEvaluator, dict]:
-            cfg = EvaluatorConfig(image_size=world.image_size, num_classes=world.num_classes)
-            model = train_evaluator(
-                images,
-                labels,
-                attrs,
-                cfg,
-                steps=world.evaluator_steps,
-                batch_size=world.evaluator_batch_size,
-                lr=world.evaluator_lr,
-                seed=world.seed + 1,
-                progress=progress,
-            )
-            return model, {"class_names": list(CLASS_NAMES[: world.num_classes])}
-
-        evaluator, meta, was = _part(
-            out / "evaluator",
-            hashes["evaluator"],
-            lambda meta: load_evaluator(out / "evaluator"),
-            build_evaluator,
-            lambda model, meta: save_evaluator(out / "evaluator", model, meta),
-        )
-        record("evaluator", clock, meta, was)
-
-        clock = _Clock()
 
         def load_vq(meta: dict) -> VQModel:
             model = VQModel(VQConfig.from_dict(meta["config"]))
@@ -272,12 +139,7 @@ def prepare_tiny_world(
             )
             return model, {"config": model.cfg.to_dict(), "image_size": world.image_size, "stats": stats}
 
-        vq, meta, was = _part(
-            out / "vq", hashes["vq"], load_vq, build_vq, lambda m, meta: save_model(out / "vq", m, meta)
-        )
-        record("vq", clock, meta, was)
-
-        clock = _Clock()
+        vq = b.part("vq", load_vq, build_vq)
 
         def load_tokens(meta: dict) -> tuple[Tensor, Tensor]:
             sd = load_state_dict_file(out / "tokens.safetensors")
@@ -291,12 +153,8 @@ def prepare_tiny_world(
         def save_tokens(data: tuple[Tensor, Tensor], meta: dict) -> None:
             save_model(out / "tokens", {"tokens": data[0].to(torch.int32), "labels": data[1]}, meta)
 
-        (tokens, tok_labels), meta, was = _part(
-            out / "tokens", hashes["tokens"], load_tokens, build_tokens, save_tokens
-        )
-        record("tokens", clock, meta, was)
+        tokens, tok_labels = b.part("tokens", load_tokens, build_tokens, save_tokens)
 
-        clock = _Clock()
         grid = world.image_size // vq.downsample
 
         def load_gpt(meta: dict) -> GPT:
@@ -324,69 +182,37 @@ def prepare_tiny_world(
             }
             return model, meta
 
-        gpt, meta, was = _part(
-            out / "gpt", hashes["gpt"], load_gpt, build_gpt, lambda m, meta: save_model(out / "gpt", m, meta)
-        )
-        record("gpt", clock, meta, was)
+        gpt = b.part("gpt", load_gpt, build_gpt)
 
-        clock = _Clock()
-        qpath = out / "quality.json"
-        quality = _read_json(qpath)
-        was = quality is not None and quality.get("hash") == hashes["quality"]
-        if not was:
+        def build_quality() -> dict:
             from ddcore.teachers.llamagen.teacher import LlamaGenTeacher
 
             teacher = LlamaGenTeacher(gpt, vq, num_classes=world.num_classes, image_size=world.image_size)
-            quality = measure_quality(world, teacher, evaluator, hold_images, hold_labels, sampling, out)
-            quality = {**quality, "hash": hashes["quality"], **clock.times()}
-            atomic_write_json(qpath, quality)
-        record("quality", clock, quality, was)
+            return measure_quality(world, teacher, evaluator, hold_images, hold_labels, sampling, out)
 
-    build_s = {k: round(float(m["seconds"]), 2) for k, m in metas.items()}
-    build_cpu_s = {k: round(float(m["cpu_seconds"]), 2) for k, m in metas.items()}
+        quality = b.json_part("quality", build_quality)
+
     report = {
         "world": world.model_dump(),
         "sampling": sampling.model_dump(),
-        "hashes": hashes,
-        "reused": reused,
-        "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "total_s": round(total.times()["seconds"], 2),
-        "build_s": build_s,
-        "build_total_s": round(sum(build_s.values()), 2),
-        "build_cpu_s": build_cpu_s,
-        "build_total_cpu_s": round(sum(build_cpu_s.values()), 2),
-        "machine": {
-            "torch_threads": threads,
-            "cpu_count": os.cpu_count(),
-            "loadavg_start": load_start,
-            "loadavg_end": _loadavg(),
-        },
+        **b.summary(),
         "params": {
             "evaluator": sum(p.numel() for p in evaluator.parameters()),
             "vq": vq.num_params(),
             "gpt": gpt.num_params(),
         },
         "tokens": {
-            "usage": metas["tokens"]["usage"],
+            "usage": b.metas["tokens"]["usage"],
             "seq_len": grid * grid,
             "vocab_size": vq.cfg.codebook_size,
         },
-        "vq_train": metas["vq"]["stats"],
-        "gpt_train": metas["gpt"]["stats"],
-        "quality": {k: v for k, v in quality.items() if k not in ("hash", "seconds", "cpu_seconds")},
+        "vq_train": b.metas["vq"]["stats"],
+        "gpt_train": b.metas["gpt"]["stats"],
+        "quality": quality,
     }
     report["problems"] = check_quality(report)
-    atomic_write_json(out / "world.json", report)
-    for p in report["problems"]:
-        log.warning("tiny world quality: %s", p)
+    b.write_report(REPORT_FILE, report, report["problems"])
     return report
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 @torch.no_grad()
@@ -402,9 +228,8 @@ def measure_quality(
     """Accuracies of the evaluator on held-out real images, on their VQ reconstructions, and on
     teacher samples (with `sampling` and unguided); the teacher's held-out NLL; sample grids."""
     real = to_unit(hold_images)
-    acc_real = accuracy(evaluator, real, hold_labels)
     recon = reconstruct(teacher.vq, to_model_range(hold_images))
-    acc_recon = accuracy(evaluator, recon, hold_labels)
+    judged = judge_reconstructions(evaluator, real, recon, hold_labels)
     hold_tokens = tokenize(teacher.vq, to_model_range(hold_images))
     nll = mean_nll(teacher.gpt, hold_tokens, torch.as_tensor(hold_labels))
 
@@ -412,9 +237,7 @@ def measure_quality(
     labels = torch.arange(world.num_classes).repeat_interleave(k)
     seeds = list(range(SAMPLE_SEED_BASE, SAMPLE_SEED_BASE + labels.numel()))
     result = {
-        "evaluator_accuracy_real": acc_real,
-        "evaluator_accuracy_recon": acc_recon,
-        "recon_accuracy_ratio": acc_recon / max(acc_real, 1e-12),
+        **judged,
         "recon_mse": float(((recon - real) ** 2).mean()),
         "holdout_nll": nll,
         "num_samples": int(labels.numel()),
@@ -427,34 +250,10 @@ def measure_quality(
         result[f"{name}_sample_accuracy"] = acc
         result[f"{name}_sample_accuracy_per_class"] = per_class
         if out is not None and name == "cfg":
-            _save_grid(out / "samples.png", images, labels, world.num_classes, per_row=min(k, 10))
+            save_sample_grid(out, images, labels, world.num_classes, per_class=k)
     if out is not None:
-        n = min(len(hold_labels), 10 * world.num_classes)
-        order = torch.as_tensor(np.argsort(hold_labels[:n], kind="stable"))
-        pairs = torch.stack([real[:n][order], recon[:n][order]], dim=1).flatten(0, 1)
-        _save_grid(out / "reconstructions.png", pairs, None, None, per_row=20)
+        save_reconstruction_grid(out, real, recon, hold_labels, world.num_classes)
     return result
-
-
-def _save_grid(
-    path: Path, images: Tensor, labels: Tensor | None, num_classes: int | None, per_row: int
-) -> None:
-    """PNG grid: one row per class (first `per_row` of each) if labels are given, else row-major."""
-    from PIL import Image
-
-    if labels is not None and num_classes is not None:
-        rows = [images[labels == c][:per_row] for c in range(num_classes)]
-    else:
-        rows = [images[i : i + per_row] for i in range(0, images.shape[0], per_row)]
-    h, w = images.shape[2:]
-    canvas = np.full((len(rows) * (h + 2), per_row * (w + 2), 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(to_uint8(row)):
-            canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = img
-    with atomic_path(path) as tmp:
-        Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(
-            tmp, "PNG"
-        )
 
 
 # --------------------------------------------------------------------------------------------

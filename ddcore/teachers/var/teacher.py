@@ -34,7 +34,8 @@ from ddcore.checkpoints import (
     save_model,
     unwrap_state_dict,
 )
-from ddcore.models.var import VAR, KVCache, VARConfig, var_config
+from ddcore.models.kv_cache import KVCache
+from ddcore.models.var import VAR, VARConfig, var_config
 from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
 from ddcore.params import SamplingParams
 from ddcore.sampling import top_k_filter
@@ -96,7 +97,7 @@ def check_var_sampling(params: SamplingParams) -> None:
 
 @dataclass
 class VARState(StepState):
-    cache: KVCache
+    cache: list[KVCache]  # one per VAR block
     cond: Tensor  # (B, C) or (2B, C) with the null-class rows second
     f_hat: Tensor  # (B, Cvae, H, W): accumulated over the scales fed so far
     batch: int

@@ -13,43 +13,55 @@ Training follows the original recipe at small scale:
     with `class_dropout_prob` (for CFG), AdamW with warmup + cosine, the original's init (AdaLN gammas
     near zero, small head).
 
-Artefacts in `out/`: `vqvae.{safetensors,json}`, `var.{safetensors,json}` (loadable with
-`ddcore.teachers.var.build_var_teacher_from_dir`), `evaluator.{safetensors,json}` and
-`var_world.json` (the report with the quality measurements).
+Built part by part with `ddcore.tiny.builder` (resumable, as the LlamaGen world). Artefacts in
+`out/`: `vqvae.{safetensors,json}`, `var.{safetensors,json}` (plain configs, loadable with
+`ddcore.teachers.var.build_var_teacher_from_dir`; their hashes in `vqvae.part.json` and
+`var.part.json`), `tokens.{safetensors,json}`, `evaluator.{safetensors,json}`, `quality.json`,
+`samples.png`, `reconstructions.png` and `var_world.json` (the report).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ddcore.checkpoints import atomic_write_json
+from ddcore.checkpoints import load_state_dict_file, save_model
 from ddcore.models.var import VAR, VARConfig
 from ddcore.models.var_vqvae import VQVAE, VQVAEConfig
 from ddcore.params import SamplingParams, TinyWorldParams
-from ddcore.teachers.var.teacher import VARTeacher, build_var_teacher_from_dir, save_var_teacher
-from ddcore.tiny.data import make_dataset_with_attributes, to_model_range
-from ddcore.tiny.evaluator import (
-    SAMPLE_SEED_BASE,
-    EvaluatorConfig,
-    TinyEvaluator,
-    accuracy,
-    accuracy_per_class,
-    cosine_with_warmup,
-    load_evaluator,
-    save_evaluator,
-    train_evaluator,
+from ddcore.teachers.var.catalogue import suggest_var
+from ddcore.teachers.var.teacher import VARTeacher, build_var_teacher_from_dir
+from ddcore.tiny.builder import (
+    WorldBuilder,
+    evaluator_part,
+    judge_reconstructions,
+    load_config_model,
+    part_hash,
+    save_reconstruction_grid,
+    save_sample_grid,
+    world_fields,
 )
+from ddcore.tiny.data import make_dataset_with_attributes, to_model_range
+from ddcore.tiny.evaluator import SAMPLE_SEED_BASE, TinyEvaluator, accuracy_per_class, load_evaluator
+from ddcore.tiny.training import optimise, random_batch, seeded, step_bar, warmup_cosine
 
 TINY_VAR_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 REPORT_FILE = "var_world.json"
 # sampling used for the quality check (the weight ramps from 1 to this value over the scales)
 CHECK_SAMPLING = SamplingParams(cfg_scale=2.5)
+VAL_IMAGES = 1000  # at most this many of the generated images are held out (at most a tenth)
+# The VAR world's judge has always trained at train_evaluator's default LR, not at the world's
+# evaluator_lr (kept: its weights must not change); evaluator_lr is not among its hash inputs.
+JUDGE_LR = 2e-3
+# Bump a version when the code of that part changes what it produces (see stage hashes).
+CODE_VERSIONS = {"data": 1, "evaluator": 1, "vqvae": 1, "tokens": 1, "var": 1, "quality": 1}
+LOAD = {"drop_patterns": (), "suggest": suggest_var}  # strict loading, as build_var_teacher_from_dir
 
 
 def tiny_var_configs(world: TinyWorldParams) -> tuple[VQVAEConfig, VARConfig]:
@@ -121,27 +133,20 @@ def train_var_vqvae(
     progress: bool = True,
 ) -> tuple[VQVAE, dict]:
     """Train on images in [-1, 1] (N, 3, H, W); returns the VQVAE in eval mode and its last losses."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     vq = VQVAE(cfg).to(device)
     with torch.no_grad():  # start the codebook on the data, at the latent's scale
         _restart_codes(vq, images[:batch_size].to(device), torch.ones(cfg.vocab_size, dtype=torch.bool), g)
     opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, steps, min(50, steps // 10))
-    )
+    sched = warmup_cosine(opt, steps, max_warmup=50)
     vq.train()
     last = {}
-    bar = tqdm(range(steps), desc="var-vqvae", disable=not progress, mininterval=2.0)
+    bar = step_bar(steps, "var-vqvae", progress)
     for step in bar:
-        x = images[torch.randint(0, images.shape[0], (batch_size,), generator=g)].to(device)
+        x = images[random_batch(images.shape[0], batch_size, g)].to(device)
         rec, vq_loss, idx = vq(x)
         rec_loss = F.mse_loss(rec, x)
-        loss = rec_loss + vq_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimise(opt, sched, rec_loss + vq_loss)
         _record_hits(vq, idx)
         if restart_every and (step + 1) % restart_every == 0 and step + 1 < steps * 0.8:
             dead = vq.quantize.ema_vocab_hit_SV.sum(0) < 1e-3
@@ -219,8 +224,7 @@ def train_var(
     progress: bool = True,
 ) -> tuple[VAR, dict]:
     """Teacher-forced next-scale training on flat token pyramids (N, L); returns VAR in eval mode."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     var = VAR(cfg)
     init_var_weights(var)
     var.to(device)
@@ -234,24 +238,18 @@ def train_var(
         lr=lr,
         betas=(0.9, 0.95),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, steps, min(100, steps // 10))
-    )
+    sched = warmup_cosine(opt, steps, max_warmup=100)
     var.train()
     last = {}
-    bar = tqdm(range(steps), desc="var", disable=not progress, mininterval=2.0)
+    bar = step_bar(steps, "var", progress)
     for _ in bar:
-        pick = torch.randint(0, tokens.shape[0], (batch_size,), generator=g)
+        pick = random_batch(tokens.shape[0], batch_size, g)
         tok, lab = tokens[pick].to(device), labels[pick].to(device)
         with torch.no_grad():
             x_in = vq.idx_to_var_input(tok)
         logits = var(lab, x_in, drop_labels=True)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
-        opt.step()
-        sched.step()
+        optimise(opt, sched, loss, clip=2.0, params=var.parameters())
         last = {"ce": loss.item()}
         bar.set_postfix(ce=f"{last['ce']:.3f}", refresh=False)
     var.eval().requires_grad_(False)
@@ -290,93 +288,183 @@ def sample_images(
 # --------------------------------------------------------------------------------------------
 
 
+def var_stage_hashes(
+    world: TinyWorldParams,
+    sampling: SamplingParams | None = None,
+    val_images: int = VAL_IMAGES,
+    check_samples: int | None = None,
+) -> dict[str, str]:
+    """The dependency hash of every part of the VAR world (chained, as the LlamaGen world's)."""
+    v, w = CODE_VERSIONS, world
+    n_val, check_samples = _split_sizes(w, val_images, check_samples)
+    fields = world_fields(w, keys=("image_size", "num_classes", "train_images", "seed"))
+    data = part_hash(v["data"], fields, val_images=n_val)
+    judge = world_fields(w, keys=("evaluator_steps", "evaluator_batch_size"))
+    evaluator = part_hash(v["evaluator"], judge, data=data, lr=JUDGE_LR)
+    vqvae = part_hash(v["vqvae"], world_fields(w, "vq_"), data=data)
+    tokens = part_hash(v["tokens"], vqvae=vqvae)
+    var = part_hash(v["var"], world_fields(w, "gpt_", keys=("class_dropout_prob",)), tokens=tokens)
+    quality = part_hash(
+        v["quality"],
+        parts=[evaluator, vqvae, tokens, var],
+        sampling=(sampling or CHECK_SAMPLING).model_dump(),
+        num_samples=check_samples,
+    )
+    return dict(data=data, evaluator=evaluator, vqvae=vqvae, tokens=tokens, var=var, quality=quality)
+
+
+def _split_sizes(world: TinyWorldParams, val_images: int, check_samples: int | None) -> tuple[int, int]:
+    """(held-out images, quality-check samples) for a world."""
+    n_val = min(val_images, max(1, world.train_images // 10))
+    return n_val, check_samples or world.quality_samples_per_class * world.num_classes
+
+
+class _Data(NamedTuple):
+    images: np.ndarray  # uint8 (N, H, W, 3): the first n_val are held out
+    labels: np.ndarray
+    attrs: np.ndarray
+    x_tr: Tensor  # training images in [-1, 1]
+    y_tr: Tensor
+    x_val: Tensor  # held-out images in [-1, 1]
+    y_val: Tensor
+
+
+def _data(world: TinyWorldParams, n_val: int) -> _Data:
+    images, labels, attrs = make_dataset_with_attributes(
+        world.train_images + n_val, world.image_size, world.num_classes, world.seed
+    )
+    x_all, y_all = to_model_range(images), torch.as_tensor(labels)
+    return _Data(images, labels, attrs, x_all[n_val:], y_all[n_val:], x_all[:n_val], y_all[:n_val])
+
+
 def prepare_tiny_var_world(
     world: TinyWorldParams,
     out: str | Path,
     progress: bool = True,
     device: str | torch.device = "cpu",
-    val_images: int = 1000,
+    val_images: int = VAL_IMAGES,
     check_samples: int | None = None,
     sampling: SamplingParams | None = None,
 ) -> dict:
-    """Train the VQVAE, the VAR and the judge; write them and a quality report into `out`.
+    """Build (or resume) the VQVAE, its tokens, the VAR and the judge in `out`, part by part as
+    the LlamaGen world (`ddcore.tiny.builder`); write the quality report and return it.
 
     The quality check follows the LlamaGen world's: `check_samples` teacher samples (default
     `quality_samples_per_class` per class) from the quality seeds, drawn with `sampling` (the
     preset's teacher settings; default CHECK_SAMPLING), and the judge's accuracy on held-out
-    reconstructions relative to real images; the report records the preset's gates."""
-    check_samples = check_samples or world.quality_samples_per_class * world.num_classes
+    reconstructions relative to real images; the report records the preset's gates, the parts'
+    hashes, which parts were reused, and the build times."""
     check_sampling = sampling or CHECK_SAMPLING
+    n_val, check_samples = _split_sizes(world, val_images, check_samples)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    n_val = min(val_images, max(1, world.train_images // 10))
-    images, labels, attrs = make_dataset_with_attributes(
-        world.train_images + n_val, world.image_size, world.num_classes, world.seed
-    )
-    x_all = to_model_range(images)
-    y_all = torch.as_tensor(labels)
-    x_tr, y_tr, x_val, y_val = x_all[n_val:], y_all[n_val:], x_all[:n_val], y_all[:n_val]
     vq_cfg, var_cfg = tiny_var_configs(world)
+    hashes = var_stage_hashes(world, check_sampling, val_images, check_samples)
+    with WorldBuilder(out, hashes) as b:
+        d = b.step("data", lambda: _data(world, n_val))
 
-    vq, vq_last = train_var_vqvae(
-        x_tr, vq_cfg, world.vq_steps, world.vq_batch_size, world.vq_lr, world.seed, device, progress=progress
-    )
-    tok_tr, tok_val = encode_images(vq, x_tr), encode_images(vq, x_val)
-    var, var_last = train_var(
-        tok_tr,
-        y_tr,
-        vq,
-        var_cfg,
-        world.gpt_steps,
-        world.gpt_batch_size,
-        world.gpt_lr,
-        world.seed,
-        device,
-        progress,
-    )
-    save_var_teacher(out, var, vq)
-    teacher = VARTeacher(var, vq)
+        def build_vqvae() -> tuple[VQVAE, dict]:
+            vq, last = train_var_vqvae(
+                d.x_tr, vq_cfg, world.vq_steps, world.vq_batch_size, world.vq_lr, world.seed, device,
+                progress=progress,
+            )  # fmt: skip
+            return vq, {"stats": last}
 
-    ev_cfg = EvaluatorConfig(image_size=world.image_size, num_classes=world.num_classes)
-    evaluator = train_evaluator(
-        images[n_val:], labels[n_val:], attrs[n_val:], ev_cfg, world.evaluator_steps, world.evaluator_batch_size,
-        seed=world.seed, progress=progress,
-    )  # fmt: skip
-    save_evaluator(out / "evaluator", evaluator)
-    evaluator = evaluator.cpu()  # the judge scores CPU images (samples and reconstructions come back there)
+        vq = b.part(
+            "vqvae",
+            lambda meta: load_config_model(
+                out / "vqvae", lambda c: VQVAE(VQVAEConfig.from_dict(c)), device, **LOAD
+            ),
+            build_vqvae,
+            lambda vq, meta: save_model(out / "vqvae", vq, vq.cfg.to_dict()),
+            sidecar=True,
+        )
 
-    samples, sample_labels = sample_images(teacher, check_samples, check_sampling, seed=SAMPLE_SEED_BASE)
-    sample_acc, per_class = accuracy_per_class(evaluator, samples, sample_labels)
-    recon = reconstruct(vq, x_val)
-    acc_real = accuracy(evaluator, (x_val + 1) / 2, y_val)
-    acc_recon = accuracy(evaluator, ((recon + 1) / 2).clamp(0, 1), y_val)
-    used = int((torch.bincount(tok_tr.flatten(), minlength=vq_cfg.vocab_size) > 0).sum())
+        def build_tokens() -> tuple[tuple[Tensor, Tensor], dict]:
+            tok_tr, tok_val = encode_images(vq, d.x_tr), encode_images(vq, d.x_val)
+            used = int((torch.bincount(tok_tr.flatten(), minlength=vq_cfg.vocab_size) > 0).sum())
+            return (tok_tr, tok_val), {"shape": list(tok_tr.shape), "codes_used": used}
+
+        def load_tokens(meta: dict) -> tuple[Tensor, Tensor]:
+            sd = load_state_dict_file(out / "tokens.safetensors")
+            return sd["train"].long(), sd["val"].long()
+
+        def save_tokens(toks: tuple[Tensor, Tensor], meta: dict) -> None:
+            save_model(
+                out / "tokens", {"train": toks[0].to(torch.int32), "val": toks[1].to(torch.int32)}, meta
+            )
+
+        tok_tr, tok_val = b.part("tokens", load_tokens, build_tokens, save_tokens)
+
+        def build_var() -> tuple[VAR, dict]:
+            var, last = train_var(
+                tok_tr, d.y_tr, vq, var_cfg, world.gpt_steps, world.gpt_batch_size, world.gpt_lr, world.seed,
+                device, progress,
+            )  # fmt: skip
+            return var, {"stats": last}
+
+        var = b.part(
+            "var",
+            lambda meta: load_config_model(
+                out / "var", lambda c: VAR(VARConfig.from_dict(c)), device, **LOAD
+            ),
+            build_var,
+            lambda var, meta: save_model(out / "var", var, var.cfg.to_dict()),
+            sidecar=True,
+        )
+
+        judge_data = d.images[n_val:], d.labels[n_val:], d.attrs[n_val:]
+        evaluator = evaluator_part(b, *judge_data, world, seed=world.seed, lr=JUDGE_LR, progress=progress)
+
+        def build_quality() -> dict:
+            teacher = VARTeacher(var, vq)
+            samples, sample_labels = sample_images(
+                teacher, check_samples, check_sampling, seed=SAMPLE_SEED_BASE
+            )
+            sample_acc, per_class = accuracy_per_class(evaluator, samples, sample_labels)
+            recon = reconstruct(vq, d.x_val)
+            real01, recon01 = (d.x_val + 1) / 2, ((recon + 1) / 2).clamp(0, 1)
+            judged = judge_reconstructions(evaluator, real01, recon01, d.y_val)
+            result = {
+                **judged,
+                "val_rec_mse": F.mse_loss(recon, d.x_val.cpu()).item(),
+                "val_nll": token_nll(teacher, tok_val, d.y_val),
+                "sample_accuracy": sample_acc,
+                "sample_accuracy_per_class": per_class,
+            }
+            per_row = max(1, check_samples // world.num_classes)
+            save_sample_grid(out, samples, sample_labels, world.num_classes, per_class=per_row)
+            save_reconstruction_grid(out, real01, recon01, d.y_val, world.num_classes)
+            return result
+
+        q = b.json_part("quality", build_quality)
+
     report = {
         "family": "var",
         "patch_nums": list(vq_cfg.patch_nums),
         "vq": {
-            **vq_last,
-            "val_rec_mse": F.mse_loss(recon, x_val.cpu()).item(),
-            "recon_accuracy": acc_recon,
-            "recon_accuracy_ratio": acc_recon / max(acc_real, 1e-12),
-            "codes_used": used,
+            **b.metas["vqvae"]["stats"],
+            "val_rec_mse": q["val_rec_mse"],
+            "recon_accuracy": q["evaluator_accuracy_recon"],
+            "recon_accuracy_ratio": q["recon_accuracy_ratio"],
+            "codes_used": b.metas["tokens"]["codes_used"],
             "vocab_size": vq_cfg.vocab_size,
         },
         "var": {
-            **var_last,
-            "val_nll": token_nll(teacher, tok_val, y_val),
+            **b.metas["var"]["stats"],
+            "val_nll": q["val_nll"],
             "uniform_nll": math.log(vq_cfg.vocab_size),
         },
-        "evaluator": {"val_accuracy": acc_real},
+        "evaluator": {"val_accuracy": q["evaluator_accuracy_real"]},
         "teacher": {
-            "sample_accuracy": sample_acc,
-            "sample_accuracy_per_class": per_class,
+            "sample_accuracy": q["sample_accuracy"],
+            "sample_accuracy_per_class": q["sample_accuracy_per_class"],
             "min_accuracy": world.min_sample_accuracy,
             "sampling": check_sampling.model_dump(),
             "num_samples": check_samples,
         },
+        **b.summary(),
     }
-    atomic_write_json(out / REPORT_FILE, report)
+    b.write_report(REPORT_FILE, report)
     return report
 
 
