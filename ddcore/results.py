@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Self
 
 from ddcore.checkpoints import atomic_write_text
 
@@ -21,18 +22,26 @@ def _rows(samplers: dict) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class EvalResult:
+class _ResultFile:
     raw: dict
+    FILE: ClassVar[str] = ""
+    KEY: ClassVar[str] = ""  # the mapping the file must have
+    STAGE: ClassVar[str] = ""
 
     @classmethod
-    def from_dict(cls, raw: dict) -> EvalResult:
-        if not isinstance(raw.get("samplers"), dict):
-            raise ValueError("eval.json has no 'samplers' mapping; re-run the evaluate stage")
+    def from_dict(cls, raw: dict) -> Self:
+        if not isinstance(raw.get(cls.KEY), dict):
+            raise ValueError(f"{cls.FILE} has no '{cls.KEY}' mapping; re-run the {cls.STAGE} stage")
         return cls(raw)
 
     @classmethod
-    def load(cls, path: Path) -> EvalResult:
+    def load(cls, path: Path) -> Self:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class EvalResult(_ResultFile):
+    FILE, KEY, STAGE = "eval.json", "samplers", "evaluate"
 
     def rows(self) -> list[dict]:
         """One dict per sampler, in the file's order: {"sampler": name, "steps": ..., "fid": ...}."""
@@ -52,18 +61,8 @@ class EvalResult:
 
 
 @dataclass(frozen=True)
-class BenchResult:
-    raw: dict
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> BenchResult:
-        if not isinstance(raw.get("cases"), dict):
-            raise ValueError("bench.json has no 'cases' mapping; re-run the bench stage")
-        return cls(raw)
-
-    @classmethod
-    def load(cls, path: Path) -> BenchResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+class BenchResult(_ResultFile):
+    FILE, KEY, STAGE = "bench.json", "cases", "bench"
 
     def own_case(self, cases: Sequence[str]) -> str:
         """The case that times the preset's own samplers: the one in the file not among the families'

@@ -86,7 +86,7 @@ def read(path: Path):
                     .numpy()
                     .tobytes()
                 ).hexdigest()
-                for k in f.keys()
+                for k in f.keys()  # noqa: SIM118 - safe_open is no dict
             }
         return {"tensors": tensors, "metadata": strip({k: _maybe_json(v) for k, v in meta.items()})}
     if path.suffix == ".json":
