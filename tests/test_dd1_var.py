@@ -21,7 +21,7 @@ from ddcore.params import DD1TrainParams as TrainParams
 from ddcore.params import FlowParams, SamplingParams, StudentParams, TrajectoryParams
 from ddcore.teachers.var.teacher import VARTeacher
 
-SAMPLING = SamplingParams(cfg_scale=2.0, top_k=20, top_p=0.95)  # VAR's cfg ramp, top-k then top-p
+SAMPLING = SamplingParams(cfg_scale=2.0, top_k=20, top_p=0.95)  # guidance ramped to w = 2, top-k then top-p
 FLOW = FlowParams(steps=16)
 SP = StudentParams(t_list=[0, 2], split_t=3)  # t counts scales: data_len 0 / 5; split after 14 positions
 STARTS = [0, 1, 5, 14, 30]  # data_len(t) for PATCH_NUMS (1, 2, 3, 4)

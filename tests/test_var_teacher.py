@@ -19,7 +19,7 @@ from ddcore.teachers.var.teacher import (
     var_top_p_filter,
 )
 
-GUIDED = SamplingParams(cfg_scale=1.5, top_k=20, top_p=0.9)
+GUIDED = SamplingParams(cfg_scale=2.5, top_k=20, top_p=0.9)  # VAR cfg 1.5: w = 1 + c
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_structure(teacher):
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(cfg_scale=0.0), GUIDED, SamplingParams(cfg_scale=4.0, top_k=5, top_p=0.95)],
+    [SamplingParams(cfg_scale=1.0), GUIDED, SamplingParams(cfg_scale=5.0, top_k=5, top_p=0.95)],
 )
 def test_teacher_forced_probs_equal_stepping(teacher, params):
     labels = torch.tensor([0, 1, 3])
@@ -68,7 +68,7 @@ def test_teacher_forced_probs_equal_stepping(teacher, params):
 
 def test_greedy_generation_is_argmax_of_masked_forward(teacher):
     labels = torch.tensor([2, 3])
-    params = SamplingParams(cfg_scale=0.0)
+    params = SamplingParams(cfg_scale=1.0)  # 1 = no guidance, in every family
     tokens = teacher.generate(labels, params, teacher.noise([0, 1]), chooser=GreedyChooser())
     with torch.no_grad():
         logits = teacher.var.forward_teacher(tokens, labels, teacher.vqvae)
@@ -76,11 +76,12 @@ def test_greedy_generation_is_argmax_of_masked_forward(teacher):
 
 
 def test_cfg_ramp(teacher):
-    """probs at scale si = softmax((1 + r) cond - r uncond), r = cfg * si / (S - 1); scale 0 unguided."""
+    """probs at scale si = softmax((1 + r) cond - r uncond), r = (w - 1) si / (S - 1): the weight ramps
+    from 1 at scale 0 (unguided) to w at the last scale (VAR's cfg c = w - 1)."""
     labels = torch.tensor([1, 2])
     tokens = teacher.sample(labels, [5, 6], GUIDED)
-    cfg = 2.0
-    params = SamplingParams(cfg_scale=cfg)
+    w = 3.0  # VAR's cfg 2.0
+    params = SamplingParams(cfg_scale=w)
     with torch.no_grad():
         cond = teacher.var.forward_teacher(tokens, labels, teacher.vqvae)
         uncond = teacher.var.forward_teacher(tokens, torch.full_like(labels, NUM_CLASSES), teacher.vqvae)
@@ -88,7 +89,7 @@ def test_cfg_ramp(teacher):
     stepped = _walk(teacher, tokens, labels, params)
     n_scales = len(PATCH_NUMS)
     for si, (b, e) in enumerate(teacher.var.cfg.begin_ends):
-        r = cfg * si / (n_scales - 1)
+        r = (w - 1) * si / (n_scales - 1)
         want = torch.softmax((1 + r) * cond[:, b:e] - r * uncond[:, b:e], dim=-1)
         torch.testing.assert_close(probs[:, b:e], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stepped[:, b:e], want, rtol=1e-5, atol=1e-6)
@@ -124,7 +125,7 @@ def test_top_k_keeps_ties_and_top1_is_greedy(teacher):
     assert torch.isfinite(var_logits_to_probs(logits, top_k=2).log()).sum() == 2
     assert (var_logits_to_probs(torch.tensor([[1.0, 3.0, 2.0, 3.0]]), top_k=3) > 0).sum() == 3
     labels = torch.tensor([0, 1])
-    params = SamplingParams(cfg_scale=1.5, top_k=1)
+    params = SamplingParams(cfg_scale=2.5, top_k=1)
     tokens = teacher.sample(labels, [3, 4], params)
     probs = teacher.teacher_forced_probs(tokens, labels, params)
     assert torch.equal(probs.max(-1).values, torch.ones(2, 30))
@@ -242,7 +243,7 @@ def test_registry_entries():
     info = find_checkpoint("var-d16")
     assert info is not None and info.family == "var" and info.source.endswith("/var_d16.pth")
     assert (
-        info.tokenizer == "var-vqvae" and info.sampling["cfg_scale"] == 1.5 and info.sampling["top_k"] == 900
+        info.tokenizer == "var-vqvae" and info.sampling["cfg_scale"] == 2.5 and info.sampling["top_k"] == 900
     )
     assert find_checkpoint("vae_ch160v4096z32.pth").name == "var-vqvae"
     assert find_checkpoint("var_d30.pth").config == "var-d30"
