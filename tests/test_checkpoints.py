@@ -20,6 +20,7 @@ from ddcore.checkpoints import (
     unwrap_state_dict,
 )
 from ddcore.models.llamagen import GPT, gpt_config
+from ddcore.teachers.llamagen.catalogue import suggest_llamagen
 from ddcore.teachers.llamagen.teacher import load_llamagen_gpt
 
 
@@ -74,7 +75,9 @@ def test_gpt_l_weights_into_gpt_b_config_name_the_config():
         gpt_b = GPT(gpt_config("GPT-B"))
         sd_l = GPT(gpt_config("GPT-L")).state_dict()
     with pytest.raises(CheckpointError) as err:
-        load_strict(gpt_b, sd_l, what="LlamaGen GPT-B")
+        load_strict(
+            gpt_b, sd_l, what="LlamaGen GPT-B", suggest=suggest_llamagen
+        )  # as the family's loaders do
     msg = str(err.value)
     assert "LlamaGen GPT-B" in msg
     assert "checkpoint dim 1024" in msg and "looks like GPT-L" in msg

@@ -78,7 +78,7 @@ def test_params_prints_the_resolved_preset(root, capsys):
     [
         ("dd1.train.steps=-5", "presets.micro.dd1.train.steps"),
         ("teacher.sampling.top_p=1.5", "presets.micro.teacher.sampling.top_p"),
-        ("teacher.name=llamagen-z", "allowed: tiny, micro"),
+        ("teacher.name=llamagen-z", "unknown llamagen teacher 'llamagen-z'; allowed: llamagen-b,"),
         ("dd1.train.lrr=0.1", "presets.micro.dd1.train.lrr: unknown key"),
         ("family=nosuch", "presets.micro.family: unknown family 'nosuch'"),
         ("trainsteps", "must look like key.path=value"),
