@@ -1,7 +1,7 @@
 """The `ddcore` console command: help everywhere, params validated before any work, real stages.
 
 Fast tests call `main()` in-process on a copy of params.yaml in a temp root; the stage tests reuse
-the session's micro pipeline (tests/micro_project.py) through the installed console script.
+the session's micro pipeline (tests/fixtures/micro_project.py) through the installed console script.
 """
 
 from __future__ import annotations

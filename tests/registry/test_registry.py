@@ -1,7 +1,7 @@
 """MLflow registry on real stores: a SQLite tracking store, and a real `mlflow server` process whose
 artifacts go to an S3 API (moto server) on loopback.
 
-The students are real: the session's micro pipeline (tests/micro_project.py) and, for the
+The students are real: the session's micro pipeline (tests/fixtures/micro_project.py) and, for the
 promotion gate, a second student distilled from the same trajectories with fewer steps.
 """
 

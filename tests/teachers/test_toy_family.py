@@ -1,5 +1,5 @@
 """A third teacher family, registered from outside `ddcore/`, through the real pipeline:
-prepare -> trajectories -> distill -> evaluate at micro scale (tests/toy_family.py)."""
+prepare -> trajectories -> distill -> evaluate at micro scale (tests/fixtures/toy_family.py)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import yaml
 
 from ddcore.params import load_preset, load_presets
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 TEMPLATE = INFRA / "k8s" / "base-job-template.json"
 

@@ -1,6 +1,6 @@
 """Real DVC on a copy of the repository: repro of the micro preset, selective reruns, S3 push/pull.
 
-The pipeline runs once per session (tests/micro_project.py); the param-change test works on a
+The pipeline runs once per session (tests/fixtures/micro_project.py); the param-change test works on a
 copy of that checkout so other tests keep the original outputs.
 """
 
