@@ -36,7 +36,7 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
         action="append",
         metavar="KEY.PATH=VALUE",
         default=d if suppress else [],
-        help="override a preset value, e.g. --set train.lr=1e-4 (repeatable; value parsed as YAML)",
+        help="override a preset value, e.g. --set dd1.train.lr=1e-4 (repeatable; value parsed as YAML)",
     )
     g.add_argument(
         "--root",

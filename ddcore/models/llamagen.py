@@ -1,6 +1,6 @@
 """LlamaGen class-conditional GPT, state-dict compatible with the published c2i checkpoints.
 
-Written from the architecture notes (docs/teachers notes, shared reference §1a): pre-norm Llama blocks
+Written from LlamaGen's published architecture (its `gpt.py` and the checkpoints' keys): pre-norm Llama blocks
 without biases, fp32 RMSNorm, SwiGLU FFN, 2D RoPE on interleaved pairs (first half of the pairs
 rotates by the token's row, second half by its column; the class-token rows are all zero, which
 zeroes the class token's q and k), SDPA attention, logits in fp32.

@@ -1,6 +1,6 @@
 """LlamaGen VQ tokenizer (VQ-16 / VQ-8), state-dict compatible with vq_ds16_c2i.pt / vq_ds8_c2i.pt.
 
-Key layout (shared reference §1b): encoder.conv_in, encoder.conv_blocks.{i}.res/attn/downsample,
+Key layout (of the published vq_ds16_c2i.pt): encoder.conv_in, encoder.conv_blocks.{i}.res/attn/downsample,
 encoder.mid.{0,1,2}, encoder.norm_out/conv_out, quant_conv, quantize.embedding.weight, buffer
 quantize.codebook_used [65536], post_quant_conv, decoder.conv_in, decoder.mid,
 decoder.conv_blocks (in processing order: 0 is the widest level), decoder.norm_out/conv_out.

@@ -70,23 +70,28 @@ class Processes:
 
 
 def setup_processes(device: str | None) -> Processes:
-    """Initialise the process group under torchrun; pick each process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    initialised_here = False
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and (device or "cuda").startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-        initialised_here = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    """Initialise the process group under torchrun; pick each process's device.
+
+    Under torchrun every process takes the GPU of its LOCAL_RANK (whatever index the settings
+    name); alone, a bare "cuda" means the current GPU (torch.cuda.set_device needs an index)."""
     if device is None:
         from ddcore.settings import get_settings
 
         device = get_settings().resolve_device()
-    if device == "cuda" and dist.is_initialized():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    initialised_here = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        initialised_here = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dist.is_initialized():
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        elif dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     return Processes(rank, world, dev, initialised_here)
 
