@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddcore.checkpoints import CheckpointError
+from ddcore.checkpoints import CheckpointError, load_model_config, load_state_dict_file, save_model
+from ddcore.hashing import json_digest
 from ddcore.params import SamplingParams, TinyWorldParams, load_preset
 from ddcore.teachers.llamagen.teacher import LlamaGenTeacher
 from ddcore.teachers.llamagen.tiny_world import (
@@ -18,6 +19,7 @@ from ddcore.teachers.llamagen.tiny_world import (
     prepare_tiny_world,
     stage_hashes,
 )
+from ddcore.tiny.builder import WorldBuilder, part_hash
 from ddcore.tiny.data import make_dataset, make_dataset_with_attributes, to_model_range, to_unit
 from ddcore.tiny.evaluator import (
     EvaluatorConfig,
@@ -224,3 +226,79 @@ def test_tiny_preset_is_the_quality_configuration():
     assert tiny.min_evaluator_accuracy >= 0.98
     assert tiny.image_size // 2 ** (len(tiny.vq_ch_mult) - 1) == 8, "64 tokens per image"
     assert np.isclose(tiny.class_dropout_prob, 0.1)
+
+
+def test_stage_hashes_are_the_ones_prepared_worlds_store():
+    """Pinned: the hashes the code before ddcore.tiny.builder wrote into users' worlds (computed by
+    that code). A change rebuilds every prepared world; bump CODE_VERSIONS deliberately instead."""
+    assert stage_hashes(TinyWorldParams(), SamplingParams(cfg_scale=3.0)) == {
+        "data": "92381e677ef0bdd9",
+        "evaluator": "ce33fb4e50d5826c",
+        "vq": "f49dbf7b4cfec538",
+        "tokens": "8451bf8783c9e930",
+        "gpt": "efbda2bf7d965123",
+        "quality": "f5af36f46b8ad645",
+    }
+    assert part_hash(2, {"vq_steps": 5}, data="abc") == json_digest({"v": 2, "data": "abc", "vq_steps": 5})
+
+
+# --------------------------------------------------------------------------------------------
+# the shared builder (ddcore.tiny.builder), without training
+# --------------------------------------------------------------------------------------------
+def _build(out, hashes: dict, built: list[str]) -> tuple[WorldBuilder, dict]:
+    """Three parts: plain (metadata in the JSON), sidecar (plain config JSON), JSON-only."""
+
+    def make(name: str, value: float):
+        def build():
+            built.append(name)
+            return {"x": torch.full((2,), value)}, {"stats": {"value": value}}
+
+        return build
+
+    def load(name: str):
+        return lambda meta: load_state_dict_file(out / f"{name}.safetensors")
+
+    def save_plain_config(sd: dict, meta: dict) -> None:
+        save_model(out / "side", sd, {"c": 1})
+
+    def measure() -> dict:
+        built.append("q")
+        return {"acc": 0.5}
+
+    with WorldBuilder(out, hashes) as b:
+        got = {"data": b.step("data", lambda: 1)}
+        got["plain"] = b.part("plain", load("plain"), make("plain", 1.0))
+        got["side"] = b.part("side", load("side"), make("side", 2.0), save_plain_config, sidecar=True)
+        got["q"] = b.json_part("q", measure)
+    return b, got
+
+
+def test_builder_reuses_parts_whose_hash_matches(tmp_path):
+    hashes = {"data": "d", "plain": "p1", "side": "s1", "q": "q1"}
+    built: list[str] = []
+    b, got = _build(tmp_path, hashes, built)
+    assert built == ["plain", "side", "q"] and b.reused == []
+    assert got["q"] == {"acc": 0.5} and torch.equal(got["side"]["x"], torch.full((2,), 2.0))
+    assert load_model_config(tmp_path / "plain")["hash"] == "p1"
+    assert load_model_config(tmp_path / "side") == {"c": 1}, "a sidecar part's JSON stays a plain config"
+    assert json.loads((tmp_path / "side.part.json").read_text())["stats"] == {"value": 2.0}
+    assert json.loads((tmp_path / "q.json").read_text())["hash"] == "q1"
+    s = b.summary()
+    assert s["hashes"] == hashes and set(s["build_s"]) == set(s["timings_s"]) == {
+        "data",
+        "plain",
+        "side",
+        "q",
+    }
+    assert s["machine"]["torch_threads"] >= 1
+
+    built.clear()
+    b, again = _build(tmp_path, hashes, built)
+    assert built == [] and b.reused == ["plain", "side", "q"]
+    assert b.metas["side"]["stats"] == {"value": 2.0} and again["q"] == {"acc": 0.5}
+    assert all(b.timings[p] == 0.0 for p in b.reused)
+
+    # another hash rebuilds that part only; an interrupted sidecar save (no record) is rebuilt
+    (tmp_path / "side.part.json").unlink()
+    b, _ = _build(tmp_path, {**hashes, "plain": "p2"}, built)
+    assert built == ["plain", "side"] and b.reused == ["q"]

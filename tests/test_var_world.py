@@ -1,6 +1,9 @@
-"""The VAR tiny world's training pieces, at toy size (the full world is trained by the pipeline)."""
+"""The VAR tiny world's training pieces, and its part-by-part build, at toy size (the full world
+is trained by the pipeline)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -8,15 +11,19 @@ import torch.nn.functional as F
 from var_helpers import random_images, small_var_config, small_vq_config, small_vqvae
 
 from ddcore.models.var import VAR
-from ddcore.params import TinyWorldParams
+from ddcore.params import SamplingParams, TinyWorldParams
 from ddcore.teachers.var.teacher import VARTeacher
 from ddcore.teachers.var.tiny_world import (
+    check_var_quality,
     encode_images,
     init_var_weights,
+    load_tiny_var_world,
+    prepare_tiny_var_world,
     tiny_var_configs,
     token_nll,
     train_var,
     train_var_vqvae,
+    var_stage_hashes,
 )
 from ddcore.tiny.data import make_dataset, to_model_range
 
@@ -75,3 +82,82 @@ def test_train_var_fits_a_small_token_set():
     nll = token_nll(teacher, tokens, labels)
     assert abs(nll0 - torch.log(torch.tensor(32.0)).item()) < 0.1  # the small head starts near uniform
     assert nll < 0.6 * nll0 and abs(nll - last["ce"]) < 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# the world, built part by part (ddcore.tiny.builder)
+# --------------------------------------------------------------------------------------------
+TOY = TinyWorldParams(
+    image_size=16,
+    num_classes=4,
+    train_images=100,
+    vq_codebook_size=16,
+    vq_codebook_dim=4,
+    vq_ch=8,
+    vq_steps=3,
+    vq_batch_size=8,
+    gpt_dim=16,
+    gpt_layers=1,
+    gpt_heads=2,
+    gpt_steps=3,
+    gpt_batch_size=8,
+    evaluator_steps=3,
+    evaluator_batch_size=8,
+    quality_samples_per_class=2,
+    min_evaluator_accuracy=0.0,
+    min_recon_ratio=0.0,
+    min_sample_accuracy=0.0,
+)
+PARTS = ("vqvae", "tokens", "var", "evaluator", "quality")
+WEIGHTS = [f"{p}.safetensors" for p in ("vqvae", "tokens", "var", "evaluator")]
+SAMPLING = SamplingParams(cfg_scale=2.0, top_k=8)
+
+
+def _prepare(world: TinyWorldParams, out, sampling: SamplingParams = SAMPLING) -> dict:
+    return prepare_tiny_var_world(world, out, progress=False, sampling=sampling)
+
+
+def test_var_world_resumes_part_by_part(tmp_path):
+    first = _prepare(TOY, tmp_path)
+    assert first["reused"] == [] and first["hashes"] == var_stage_hashes(TOY, SAMPLING)
+    for name in [
+        *WEIGHTS,
+        "vqvae.part.json",
+        "var.part.json",
+        "quality.json",
+        "var_world.json",
+        "samples.png",
+    ]:
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "var_world.json").read_text()) == json.loads(json.dumps(first))
+    assert first["teacher"]["num_samples"] == 8 and check_var_quality(first, TOY) == []
+    teacher, evaluator = load_tiny_var_world(tmp_path)  # the configs stay plain: the loader is strict
+    assert teacher.var.cfg.depth == 1 and evaluator is not None
+
+    mtimes = {f: (tmp_path / f).stat().st_mtime_ns for f in WEIGHTS}
+    again = _prepare(TOY, tmp_path)
+    assert again["reused"] == list(PARTS)
+    assert {k: again[k] for k in ("vq", "var", "evaluator", "teacher")} == {
+        k: first[k] for k in ("vq", "var", "evaluator", "teacher")
+    }
+    assert {f: (tmp_path / f).stat().st_mtime_ns for f in WEIGHTS} == mtimes
+
+    # an interrupted VAR save (weights written, no record) and new sampling: VAR and quality only
+    var_bytes = (tmp_path / "var.safetensors").read_bytes()
+    (tmp_path / "var.part.json").unlink()
+    other = _prepare(TOY, tmp_path, SamplingParams(cfg_scale=1.0))
+    assert other["reused"] == ["vqvae", "tokens", "evaluator"]
+    assert (tmp_path / "var.safetensors").read_bytes() == var_bytes, "rebuilt from reloaded parts: same bits"
+    assert other["var"] == first["var"] and other["teacher"]["sampling"]["cfg_scale"] == 1.0
+
+
+def test_var_stage_hashes_chain_through_dependencies():
+    base = var_stage_hashes(TOY, SAMPLING)
+    gpt = var_stage_hashes(TOY.model_copy(update={"gpt_steps": 4}), SAMPLING)
+    assert [p for p in base if gpt[p] != base[p]] == ["var", "quality"]
+    vq = var_stage_hashes(TOY.model_copy(update={"vq_steps": 4}), SAMPLING)
+    assert [p for p in base if vq[p] != base[p]] == ["vqvae", "tokens", "var", "quality"]
+    assert var_stage_hashes(TOY, SamplingParams(cfg_scale=3.0))["var"] == base["var"]
+    assert var_stage_hashes(TOY.model_copy(update={"min_sample_accuracy": 0.5}), SAMPLING) == base
+    more_val = var_stage_hashes(TOY, SAMPLING, val_images=5)
+    assert all(more_val[p] != base[p] for p in base)

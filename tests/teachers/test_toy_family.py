@@ -20,6 +20,8 @@ from ddcore.pipeline.presets import resolve_preset
 from ddcore.pipeline.runner import run_pipeline
 from ddcore.teachers.loading import load_teacher
 
+pytestmark = pytest.mark.slow  # the real pipeline, prepare to evaluate
+
 SAMPLERS = ["teacher", "dd1-1step", "dd1-2step", "onestep-baseline"]
 
 
