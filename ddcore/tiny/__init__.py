@@ -1,4 +1,5 @@
-"""The offline tiny world: procedural data, a tiny LlamaGen VQ + GPT teacher, an evaluator network.
-
-`ddcore.tiny.world.prepare_tiny_world` builds it, `load_tiny_world` loads it; see docs/tiny-world.md.
+"""The offline tiny worlds' shared pieces: procedural data (`data`), the judge network
+(`evaluator`), the training-loop scaffolding (`training`) and the resumable part-by-part build
+(`builder`). Each family's world lives with the family: `ddcore.teachers.llamagen.tiny_world`,
+`ddcore.teachers.var.tiny_world`; see docs/tiny-world.md.
 """

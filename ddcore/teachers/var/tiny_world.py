@@ -55,7 +55,7 @@ TINY_VAR_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 REPORT_FILE = "var_world.json"
 # sampling used for the quality check (the weight ramps from 1 to this value over the scales)
 CHECK_SAMPLING = SamplingParams(cfg_scale=2.5)
-VAL_IMAGES = 1000  # at most this many of the generated images are held out (at most a tenth)
+VAL_IMAGES = 1000  # held out: min(this, train_images // 10) images, generated before the training set
 # The VAR world's judge has always trained at train_evaluator's default LR, not at the world's
 # evaluator_lr (kept: its weights must not change); evaluator_lr is not among its hash inputs.
 JUDGE_LR = 2e-3
@@ -320,6 +320,8 @@ def _split_sizes(world: TinyWorldParams, val_images: int, check_samples: int | N
 
 
 class _Data(NamedTuple):
+    """The procedural images, uint8 for the judge and split in [-1, 1] for the VQVAE / VAR."""
+
     images: np.ndarray  # uint8 (N, H, W, 3): the first n_val are held out
     labels: np.ndarray
     attrs: np.ndarray
@@ -330,6 +332,7 @@ class _Data(NamedTuple):
 
 
 def _data(world: TinyWorldParams, n_val: int) -> _Data:
+    """One seeded draw of n_val + train_images images; the first n_val are the held-out ones."""
     images, labels, attrs = make_dataset_with_attributes(
         world.train_images + n_val, world.image_size, world.num_classes, world.seed
     )
@@ -584,6 +587,7 @@ __all__ = [
     "token_nll",
     "train_var",
     "train_var_vqvae",
+    "var_stage_hashes",
     "world_summary",
 ]
 
