@@ -80,9 +80,27 @@ class Teacher(ABC):
     def advance(self, state: StepState, step: int, tokens: Tensor, params: SamplingParams) -> Tensor:
         """Feed the tokens chosen at `step` (B, step_sizes[step]); return probs of step+1."""
 
-    @abstractmethod
+    forced_chunk = 16  # rows per teacher-forced forward: bounds the (2B, seq_len, V) guided logits
+
+    def teacher_forced_logits(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        """(B, seq_len, V) fp32 guided logits for every position given the true prefix."""
+        raise NotImplementedError(f"{type(self).__name__} has no teacher-forced logits")
+
+    def sampling_probs(self, logits: Tensor, params: SamplingParams) -> Tensor:
+        """The family's logits processing (temperature, top-k, top-p, softmax) of guided logits."""
+        raise NotImplementedError(f"{type(self).__name__} has no logits processing")
+
+    @torch.no_grad()
     def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
-        """(B, seq_len, V): for every position, the sampling distribution given the true prefix."""
+        """(B, seq_len, V): for every position, the sampling distribution given the true prefix,
+        computed `forced_chunk` rows at a time."""
+        out = []
+        for i in range(0, tokens.shape[0], self.forced_chunk):
+            sl = slice(i, i + self.forced_chunk)
+            out.append(
+                self.sampling_probs(self.teacher_forced_logits(tokens[sl], labels[sl], params), params)
+            )
+        return torch.cat(out)
 
     # --- decoding ---------------------------------------------------------------------------
     @abstractmethod

@@ -72,7 +72,6 @@ class LlamaGenState(StepState):
 
 class LlamaGenTeacher(Teacher):
     family = "llamagen"
-    forced_chunk = 16  # rows per full forward in teacher_forced_probs
 
     def __init__(
         self,
@@ -228,16 +227,8 @@ class LlamaGenTeacher(Teacher):
             guided[:, stop:] = cond[:, stop:]
         return guided
 
-    @torch.no_grad()
-    def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
-        """(B, T, V) fp32; computed `forced_chunk` rows at a time to bound the (2B, T, V) logits."""
-        out = []
-        for i in range(0, tokens.shape[0], self.forced_chunk):
-            logits = self.teacher_forced_logits(
-                tokens[i : i + self.forced_chunk], labels[i : i + self.forced_chunk], params
-            )
-            out.append(logits_to_probs(logits, params.temperature, params.top_k, params.top_p))
-        return torch.cat(out) if len(out) > 1 else out[0]
+    def sampling_probs(self, logits: Tensor, params: SamplingParams) -> Tensor:
+        return logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
 
     # --- decoding -------------------------------------------------------------------------------
     def _to_unit(self, x: Tensor) -> Tensor:

@@ -123,7 +123,6 @@ class VARTeacher(Teacher):
         self.num_classes = vc.num_classes
         self.image_size = qc.image_size
         self.amp_dtype = amp_dtype
-        self.forced_chunk = 16  # rows per teacher-forced forward: bounds the (2B, L, V) logits
         self._step_sizes = [p * p for p in vc.patch_nums]
 
     # --- structure ---------------------------------------------------------------------------
@@ -219,15 +218,8 @@ class VARTeacher(Teacher):
             out.append(var_guided_logits(cond[:, b:e], u, si, self.num_scales, params.cfg_scale))
         return torch.cat(out, dim=1)
 
-    @torch.no_grad()
-    def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
-        out = []
-        for i in range(0, tokens.shape[0], self.forced_chunk):
-            logits = self.teacher_forced_logits(
-                tokens[i : i + self.forced_chunk], labels[i : i + self.forced_chunk], params
-            )
-            out.append(var_logits_to_probs(logits, params.top_k, params.top_p))
-        return torch.cat(out)
+    def sampling_probs(self, logits: Tensor, params: SamplingParams) -> Tensor:
+        return var_logits_to_probs(logits, params.top_k, params.top_p)
 
     # --- decoding ----------------------------------------------------------------------------
     @torch.no_grad()
