@@ -39,29 +39,29 @@ SECRET = "do-not-leak-4f9c2e"
 # the gate itself (known answers)
 # --------------------------------------------------------------------------------------------
 def test_gate_known_answers():
-    gate = PromoteParams(max_fid_ratio=1.0, max_latency_ratio=1.10)
+    limits = PromoteParams(max_fid_ratio=1.0, max_latency_ratio=1.10)
     champ = Scores(fid=10.0, sec_per_image=0.020)
-    assert promotion_decision(Scores(12.0, 0.001), None, gate).promote  # first version
-    assert promotion_decision(Scores(10.0, 0.022), champ, gate).promote  # both limits inclusive
-    d = promotion_decision(Scores(10.01, 0.010), champ, gate)
+    assert promotion_decision(Scores(12.0, 0.001), None, limits).promote  # first version
+    assert promotion_decision(Scores(10.0, 0.022), champ, limits).promote  # both limits inclusive
+    d = promotion_decision(Scores(10.01, 0.010), champ, limits)
     assert not d.promote and "FID 10.01 > 1 x champion FID 10" in d.reason
-    d = promotion_decision(Scores(9.0, 0.0221), champ, gate)
+    d = promotion_decision(Scores(9.0, 0.0221), champ, limits)
     assert not d.promote and "s/img" in d.reason and d.latency_limit == pytest.approx(0.022)
     d = promotion_decision(
         Scores(11.0, 0.030), champ, PromoteParams(max_fid_ratio=1.2, max_latency_ratio=2.0)
     )
     assert d.promote and d.fid_limit == pytest.approx(12.0)
-    assert not promotion_decision(Scores(float("nan"), 0.01), champ, gate).promote
+    assert not promotion_decision(Scores(float("nan"), 0.01), champ, limits).promote
     # the gate compares FIDs of one evaluation protocol only
     same = gate.Champion("3", champ, "n=8000 labels=balanced seed=1 reference=world")
-    d = gate.gate_decision(Scores(9.0, 0.010), same.protocol, same, gate)
+    d = gate.gate_decision(Scores(9.0, 0.010), same.protocol, same, limits)
     assert d.promote and d.champion_version == "3" and d.fid_limit == pytest.approx(10.0)
     for other in ("n=2000 labels=random seed=1 reference=world", None):
         d = gate.gate_decision(
-            Scores(1.0, 0.001), same.protocol, dataclasses.replace(same, protocol=other), gate
+            Scores(1.0, 0.001), same.protocol, dataclasses.replace(same, protocol=other), limits
         )
         assert not d.promote and "another evaluation protocol" in d.reason and d.champion_version == "3"
-    assert gate.gate_decision(Scores(1.0, 0.001), same.protocol, None, gate).reason == "no champion yet"
+    assert gate.gate_decision(Scores(1.0, 0.001), same.protocol, None, limits).reason == "no champion yet"
 
 
 # --------------------------------------------------------------------------------------------
