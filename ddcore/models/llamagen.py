@@ -379,7 +379,8 @@ class GPT(nn.Module):
             self.freqs_cis = self._rope_table(device)
         return self.freqs_cis
 
-    def _head(self, h: Tensor) -> Tensor:
+    def logits(self, h: Tensor) -> Tensor:
+        """fp32 logits of last-layer states (final norm, then the output layer)."""
         return self.output(self.norm(h)).float()
 
     def _check_labels(self, labels: Tensor) -> None:
@@ -390,18 +391,28 @@ class GPT(nn.Module):
             )
 
     # --- full (teacher-forced) forward ------------------------------------------------------------
-    def _forward_full(self, tokens: Tensor, labels: Tensor, train_labels: bool) -> Tensor:
-        seqlen = tokens.shape[1]
+    def hidden_states(self, prefix: Tensor, labels: Tensor, train_labels: bool = False) -> Tensor:
+        """(B, T, D) last-layer states (before the final norm) from the class token and `prefix`,
+        the (B, T - 1, D) input embeddings of tokens 0..T-2: state i reads the label and tokens < i.
+
+        Embeddings rather than indices, so that a model fed continuous tokens (DD2's continuous-input
+        teacher and its AR-diffusion model) runs the same Transformer as the teacher.
+        """
+        seqlen = prefix.shape[1] + 1
         if not 1 <= seqlen <= self.cfg.block_size:
             raise ValueError(f"sequence length {seqlen} outside [1, block_size={self.cfg.block_size}]")
         self._check_labels(labels)
         cond = self.cls_embedding(labels, train=train_labels)[:, : self.cfg.cls_token_num]
-        h = torch.cat([cond, self.tok_embeddings(tokens[:, : seqlen - 1])], dim=1)
+        h = torch.cat([cond, prefix], dim=1)
         h = self.tok_dropout(h)
         freqs = self._freqs(h.device)[:seqlen]
         for layer in self.layers:
             h = layer(h, freqs)
-        return self._head(h)
+        return h
+
+    def _forward_full(self, tokens: Tensor, labels: Tensor, train_labels: bool) -> Tensor:
+        prefix = self.tok_embeddings(tokens[:, : tokens.shape[1] - 1])
+        return self.logits(self.hidden_states(prefix, labels, train_labels))
 
     def forward_teacher(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """(B, T, V) fp32 logits; [:, i] predicts token i from [label, tokens[:, :i]]. No label dropout."""
@@ -443,19 +454,27 @@ class GPT(nn.Module):
             lay.attention.kv_cache = None
         self._cache_shape = None
 
-    def _step(self, h: Tensor, pos: int) -> Tensor:
+    def step_hidden(self, h: Tensor, pos: int) -> Tensor:
+        """Feed input embeddings (B, S, D) at cache positions pos..pos+S-1; return the (B, D)
+        last-layer state of the last one (before the final norm)."""
         if self._cache_shape is None:
             raise RuntimeError("call setup_caches() before prefill()/decode_step()")
         freqs = self._freqs(h.device)[pos : pos + h.shape[1]]
         for layer in self.layers:
             h = layer(h, freqs, None, pos)
-        return self._head(h[:, -1])
+        return h[:, -1]
+
+    def _step(self, h: Tensor, pos: int) -> Tensor:
+        return self.logits(self.step_hidden(h, pos))
+
+    def class_input(self, labels: Tensor) -> Tensor:
+        """(B,) labels -> the (B, cls_token_num, D) class-token input of cache position 0."""
+        self._check_labels(labels)
+        return self.cls_embedding(labels, train=False)[:, : self.cfg.cls_token_num]
 
     def prefill(self, labels: Tensor) -> Tensor:
         """Feed the class token at cache position 0; return (B, V) fp32 logits of image token 0."""
-        self._check_labels(labels)
-        h = self.cls_embedding(labels, train=False)[:, : self.cfg.cls_token_num]
-        return self._step(h, 0)
+        return self._step(self.class_input(labels), 0)
 
     def decode_step(self, tokens: Tensor, pos: int | Tensor) -> Tensor:
         """Feed image token `pos` (B,) at cache index pos+1; return (B, V) logits of token pos+1.
@@ -486,7 +505,7 @@ class GPT(nn.Module):
         mask = cache_pos[:, None] >= torch.arange(self._cache_shape[1], device=h.device)[None, :]
         for layer in self.layers:
             h = layer(h, freqs, mask, cache_pos)
-        return self._head(h[:, -1])
+        return self.logits(h[:, -1])
 
     def compiled_decode(self, mode: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """`decode_step_static` under torch.compile(fullgraph=True, dynamic=False)

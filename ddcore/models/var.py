@@ -280,6 +280,13 @@ class VAR(nn.Module):
         `drop_labels` replaces labels by the null class with probability cfg.cond_drop_rate (CFG
         training); it is off by default so that teacher-forced logits are deterministic.
         """
+        return self.logits(*self.hidden_states(labels, x_wo_first_l, drop_labels))
+
+    def hidden_states(
+        self, labels: Tensor, x_wo_first_l: Tensor, drop_labels: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """(last-block states (B, L, C), class embedding (B, C)): `forward` before the head, for
+        heads other than the teacher's (DD2's AR-diffusion model)."""
         if drop_labels and self.cfg.cond_drop_rate > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.cfg.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
@@ -296,7 +303,7 @@ class VAR(nn.Module):
         bc = self.block_cond(cond)
         for block in self.blocks:
             x = block(x, bc, mask=mask)
-        return self.logits(x, cond)
+        return x, cond
 
     def forward_teacher(
         self, tokens: Tensor | Sequence[Tensor], labels: Tensor, vqvae: VQVAE, drop_labels: bool = False
@@ -316,7 +323,11 @@ class VAR(nn.Module):
         No mask is needed: the cache holds exactly the coarser scales, and within a scale all
         positions see each other.
         """
+        return self.logits(self.step_hidden(x, cond, cache), cond)
+
+    def step_hidden(self, x: Tensor, cond: Tensor, cache: list[KVCache]) -> Tensor:
+        """`step` before the head: the scale's last-block states (B, pn*pn, C)."""
         bc = self.block_cond(cond)
         for block, block_cache in zip(self.blocks, cache, strict=True):
             x = block(x, bc, cache=block_cache)
-        return self.logits(x, cond)
+        return x

@@ -90,16 +90,28 @@ class Teacher(ABC):
         """The family's logits processing (temperature, top-k, top-p, softmax) of guided logits."""
         raise NotImplementedError(f"{type(self).__name__} has no logits processing")
 
+    def vector_forced_logits(self, vectors: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        """(B, seq_len, V) fp32 guided logits for every position given a continuous prefix: position
+        i reads vectors[:, :i] (B, seq_len, d), token vectors in codebook space. DD2's continuous-input
+        teacher; on codebook vectors it equals `teacher_forced_logits` of their indices."""
+        raise NotImplementedError(f"{type(self).__name__} reads token indices only")
+
     @torch.no_grad()
     def teacher_forced_probs(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
         """(B, seq_len, V): for every position, the sampling distribution given the true prefix,
         computed `forced_chunk` rows at a time."""
+        return self._forced_probs(self.teacher_forced_logits, tokens, labels, params)
+
+    @torch.no_grad()
+    def vector_forced_probs(self, vectors: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        """`teacher_forced_probs` given a continuous prefix (`vector_forced_logits`)."""
+        return self._forced_probs(self.vector_forced_logits, vectors, labels, params)
+
+    def _forced_probs(self, logits_of, prefix: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
         out = []
-        for i in range(0, tokens.shape[0], self.forced_chunk):
+        for i in range(0, prefix.shape[0], self.forced_chunk):
             sl = slice(i, i + self.forced_chunk)
-            out.append(
-                self.sampling_probs(self.teacher_forced_logits(tokens[sl], labels[sl], params), params)
-            )
+            out.append(self.sampling_probs(logits_of(prefix[sl], labels[sl], params), params))
         return torch.cat(out)
 
     # --- decoding ---------------------------------------------------------------------------

@@ -294,3 +294,27 @@ def test_published_file_name_selects_config_and_block_size(tmp_path):
     msg = str(err.value)
     assert "LlamaGen GPT-B (c2i_B_384.pt, block_size 576)" in msg
     assert "checkpoint dim 64" in msg and "model has dim 768" in msg
+
+
+class _CodeLookup(torch.nn.Module):
+    """A vector embedding that is exact on the codebook: nearest code, then the GPT's own embedding."""
+
+    def __init__(self, teacher: LlamaGenTeacher):
+        super().__init__()
+        self.codebook, self.emb = teacher.codebook.clone(), teacher.gpt.tok_embeddings
+
+    def forward(self, v):
+        return self.emb(torch.cdist(v, self.codebook.expand(v.shape[0], -1, -1)).argmin(-1))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(cfg_scale=3.0, top_k=7)])
+def test_vector_forced_probs_equal_teacher_forcing_on_codebook_vectors(params):
+    teacher = make_teacher()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, teacher.vocab_size, (3, teacher.seq_len), generator=g)
+    labels = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="reads token indices only"):
+        teacher.vector_forced_logits(teacher.codebook[tokens], labels, params)
+    teacher.vector_embed = _CodeLookup(teacher)
+    got = teacher.vector_forced_probs(teacher.codebook[tokens], labels, params)
+    assert torch.equal(got, teacher.teacher_forced_probs(tokens, labels, params))

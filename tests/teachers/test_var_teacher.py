@@ -270,3 +270,12 @@ def test_chunked_teacher_forcing_and_label_checks(teacher):
     with pytest.raises(ValueError, match="labels must be in"):
         teacher.start(torch.tensor([NUM_CLASSES]), GUIDED)
     assert teacher.to("cpu") is teacher and teacher.dtype == torch.float32
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(cfg_scale=3.0, top_k=5)])
+def test_vector_forced_probs_equal_teacher_forcing_on_codebook_vectors(teacher, params):
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, teacher.vocab_size, (3, teacher.seq_len), generator=g)
+    labels = torch.tensor([0, 1, 2])
+    got = teacher.vector_forced_probs(teacher.codebook[tokens], labels, params)
+    torch.testing.assert_close(got, teacher.teacher_forced_probs(tokens, labels, params), rtol=0, atol=1e-6)

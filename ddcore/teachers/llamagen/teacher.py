@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ddcore.checkpoints import (
     CheckpointError,
@@ -80,8 +80,11 @@ class LlamaGenTeacher(Teacher):
         num_classes: int,
         image_size: int,
         dtype: torch.dtype | None = None,
+        vector_embed: nn.Module | None = None,
     ):
         self.gpt = gpt.eval()
+        # DD2's continuous-input teacher: codebook-space vectors (d) -> the GPT's input embeddings
+        self.vector_embed = None if vector_embed is None else vector_embed.eval()
         # channels-last convolutions: the same numbers, a faster decode on CPU (and cuDNN) for every sampler
         self.vq = vq.eval().to(memory_format=torch.channels_last)
         self.num_classes = int(num_classes)
@@ -127,6 +130,8 @@ class LlamaGenTeacher(Teacher):
     def to(self, device: str | torch.device) -> LlamaGenTeacher:
         self.gpt.to(device)
         self.vq.to(device)
+        if self.vector_embed is not None:
+            self.vector_embed.to(device)
         self.gpt.clear_caches()
         return self
 
@@ -213,13 +218,26 @@ class LlamaGenTeacher(Teacher):
     @torch.no_grad()
     def teacher_forced_logits(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
         """(B, T, V) fp32 guided logits (before temperature / top-k / top-p) for every position."""
-        labels = self._labels(labels)
         tokens = tokens.to(self.device).long()
+        return self._guided_forced_logits(self.gpt.tok_embeddings(tokens[:, :-1]), labels, params)
+
+    def vector_forced_logits(self, vectors: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        if self.vector_embed is None:
+            raise ValueError(
+                "this LlamaGen teacher reads token indices only; DD2's continuous-input teacher "
+                "(a fitted vector embedding) reads vectors"
+            )
+        prefix = self.vector_embed(vectors[:, :-1].to(self.device, torch.float32)).to(self.dtype)
+        return self._guided_forced_logits(prefix, labels, params)
+
+    def _guided_forced_logits(self, prefix: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        """Guided logits of every position from the input embeddings (B, T - 1, D) of its prefix."""
+        labels = self._labels(labels)
         if not self._use_null(params):
-            return self.gpt.forward_teacher(tokens, labels)
+            return self.gpt.logits(self.gpt.hidden_states(prefix, labels))
         null = torch.full_like(labels, self.gpt.null_class)
-        logits = self.gpt.forward_teacher(torch.cat([tokens, tokens]), torch.cat([labels, null]))
-        cond, uncond = logits.chunk(2, dim=0)
+        hidden = self.gpt.hidden_states(torch.cat([prefix, prefix]), torch.cat([labels, null]))
+        cond, uncond = self.gpt.logits(hidden).chunk(2, dim=0)
         guided = cfg_logits(cond, uncond, params.cfg_scale)
         if params.cfg_interval > -1:
             # position p comes from decode step p - 1; guidance stops once p - 1 > cfg_interval

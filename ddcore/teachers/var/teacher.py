@@ -197,8 +197,11 @@ class VARTeacher(Teacher):
     @torch.no_grad()
     def forward_logits(self, tokens: Tensor, labels: Tensor, with_null: bool) -> Tensor:
         """Masked full forward: (B, L, V) conditional logits, or (2B, L, V) [cond; null class]."""
-        tokens, labels = tokens.to(self.device).long(), self._labels(labels)
-        x = self.vqvae.idx_to_var_input(tokens)
+        tokens = tokens.to(self.device).long()
+        return self._input_logits(self.vqvae.idx_to_var_input(tokens), labels, with_null)
+
+    def _input_logits(self, x: Tensor, labels: Tensor, with_null: bool) -> Tensor:
+        labels = self._labels(labels)
         if with_null:
             labels = torch.cat((labels, torch.full_like(labels, self.var.null_class)))
             x = torch.cat((x, x))
@@ -209,8 +212,21 @@ class VARTeacher(Teacher):
     def teacher_forced_logits(self, tokens: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
         """(B, L, V) fp32 guided logits (VAR's per-scale CFG ramp, before top-k / top-p)."""
         check_var_sampling(params)
-        batch, guided = tokens.shape[0], params.cfg_scale != 1.0
-        logits = self.forward_logits(tokens, labels, guided).float()
+        guided = params.cfg_scale != 1.0
+        return self._guided_scales(self.forward_logits(tokens, labels, guided).float(), params)
+
+    @torch.no_grad()
+    def vector_forced_logits(self, vectors: Tensor, labels: Tensor, params: SamplingParams) -> Tensor:
+        """VAR reads continuous vectors natively: f_hat accumulated from them, as from codes."""
+        check_var_sampling(params)
+        guided = params.cfg_scale != 1.0
+        x = self.vqvae.vectors_to_var_input(vectors.to(self.device, torch.float32))
+        return self._guided_scales(self._input_logits(x, labels, guided).float(), params)
+
+    def _guided_scales(self, logits: Tensor, params: SamplingParams) -> Tensor:
+        """[cond; null] (or cond) logits -> VAR's per-scale CFG ramp applied, (B, L, V)."""
+        guided = params.cfg_scale != 1.0
+        batch = logits.shape[0] // 2 if guided else logits.shape[0]
         cond, uncond = (logits[:batch], logits[batch:]) if guided else (logits, None)
         out = []
         for si, (b, e) in enumerate(self.var.cfg.begin_ends):
