@@ -16,9 +16,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ddcore.methods.registry import all_methods
 from ddcore.params import ParamsError, Preset, deep_merge, load_preset, parse_override
 
-STAGE_COMMANDS = ("prepare", "trajectories", "distill", "evaluate", "bench", "register")
+
+def _method_stages() -> dict:
+    """Every registered method's own stages, by name (first registration wins a shared name)."""
+    out: dict = {}
+    for m in all_methods():
+        for s in m.stages:
+            out.setdefault(s.name, s)
+    return out
+
+
+STAGE_COMMANDS = ("prepare", *_method_stages(), "evaluate", "bench", "register")
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
@@ -70,9 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, parents=[common])
 
     add("prepare", "prepare the teacher: train the offline tiny world, or fetch a published checkpoint")
-    p = add("trajectories", "generate DD1 (noise, teacher tokens) trajectory shards")
-    p.add_argument("--shards", type=_int_list, default=None, metavar="I,J,...", help="only these shard ids")
-    add("distill", "train the DD1 student on the trajectories (resumes)")
+    for stage in _method_stages().values():
+        p = add(stage.name, stage.help)
+        if stage.shards is not None:
+            p.add_argument(
+                "--shards", type=_int_list, default=None, metavar="I,J,...", help="only these shard ids"
+            )
     add("evaluate", "FID / IS / precision / recall of every sampler; grids; FID vs steps")
     add("bench", "latency and throughput of every sampler on this machine")
     p = add("register", "log to MLflow, register dd-<teacher>, apply the champion/challenger gate")
@@ -81,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stages",
         type=lambda s: [x for x in s.split(",") if x],
-        default=list(STAGE_COMMANDS),
+        default=None,
         metavar="S1,S2,...",
-        help=f"subset of {','.join(STAGE_COMMANDS)}",
+        help=f"a subset of the preset's stages (default: all; any of {','.join(STAGE_COMMANDS)})",
     )
     p = add("sample", "draw images from the teacher or a student sampler into a PNG grid or an .npz")
     p.add_argument(

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ddcore.settings import PROJECT_ROOT
 
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
-METHODS = ("dd1",)
+METHODS = ("dd1", "dd2")
 
 Prob = Annotated[float, Field(gt=0.0, le=1.0)]
 
@@ -91,6 +91,10 @@ class TeacherParams(Strict):
     vq_source: str | None = None
     sampling: SamplingParams = SamplingParams()
     world: TinyWorldParams | None = None
+    copy_of: str | None = Field(
+        default=None,
+        description="a preset whose prepared teacher (same teacher params) this one copies instead of rebuilding",
+    )
 
 
 class FlowParams(Strict):
@@ -177,6 +181,62 @@ class DD1Params(Strict):
     train: DD1TrainParams = DD1TrainParams()
 
 
+class SamplesParams(Strict):
+    """Teacher samples (DD2's data-free training data): sharded, resumable, seeded per sample."""
+
+    num_samples: int = Field(default=20000, ge=2)
+    shard_size: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    val_samples: int = Field(
+        default=500, ge=1, description="the last samples, held out for NLL and validation"
+    )
+    seed: int = 0
+
+
+class ContinuousParams(Strict):
+    """The continuous-input teacher (LlamaGen; DD2 App. E.4): an MLP d -> D fitted to the token
+    embedding on the codebook, then the whole model fine-tuned with the AR loss on teacher samples."""
+
+    mlp_width: int = Field(default=256, ge=1)
+    fit_steps: int = Field(default=2000, ge=0, description="full-codebook Adam steps of the MLP fit")
+    fit_lr: float = Field(default=1e-3, gt=0)
+    train: TrainParams = TrainParams(steps=500, batch_size=64, lr=1e-4, warmup_steps=20, val_every=50)
+
+
+class ARDiffusionParams(Strict):
+    """The AR-diffusion model (DD2 Stage 1): the backbone of the continuous-input teacher with an
+    MLP velocity head, trained on teacher samples to the teacher's analytic velocity (GTS)."""
+
+    head_width: int = Field(default=256, ge=8)
+    head_depth: int = Field(default=3, ge=1)
+    noise_draws: int = Field(
+        default=4, ge=1, description="m: noise draws per sequence (MAR's diffusion_batch_mul)"
+    )
+    t_min: float = Field(default=1e-3, gt=0, lt=1)
+    head_only_steps: int = Field(
+        default=0,
+        ge=0,
+        description="first steps that train the head alone, backbone frozen (the paper's VAR schedule)",
+    )
+    train: TrainParams = TrainParams(steps=1000, batch_size=64, lr=1e-4, warmup_steps=50, val_every=100)
+
+
+class DD2SamplerParams(Strict):
+    ode_steps: int = Field(
+        default=10, ge=1, description="Euler steps per token of the AR-diffusion sampler (paper: 10)"
+    )
+
+
+class DD2Params(Strict):
+    """DD2: teacher samples, the continuous-input teacher, the AR-diffusion initialisation (GTS, and
+    the plain diffusion loss for comparison), its sampler (docs/dd2.md)."""
+
+    samples: SamplesParams = SamplesParams()
+    continuous: ContinuousParams = ContinuousParams()
+    ar_diffusion: ARDiffusionParams = ARDiffusionParams()
+    sampler: DD2SamplerParams = DD2SamplerParams()
+
+
 class EvalParams(Strict):
     num_samples: int = Field(default=2000, ge=1)
     batch_size: int = Field(default=250, ge=1)
@@ -210,7 +270,7 @@ class PromoteParams(Strict):
 class Preset(Strict):
     family: str = Field(description="teacher family, as registered (llamagen, var, ...)")
     teacher: TeacherParams
-    method: Literal["dd1"] = Field(
+    method: Literal["dd1", "dd2"] = Field(
         default="dd1", description="the distillation method; its section holds its params"
     )
     headline: str | None = Field(
@@ -218,6 +278,7 @@ class Preset(Strict):
         description="the sampler a registered model stands for; None: the method's first in eval.samplers",
     )
     dd1: DD1Params = DD1Params()
+    dd2: DD2Params = DD2Params()
     eval: EvalParams = EvalParams()
     bench: BenchParams = BenchParams()
     promote: PromoteParams = PromoteParams()

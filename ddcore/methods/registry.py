@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ddcore.methods.base import Method
 from ddcore.methods.dd1.method import DD1
+from ddcore.methods.dd2.method import DD2
 
-_METHODS: dict[str, Method] = {m.name: m for m in (DD1,)}
+_METHODS: dict[str, Method] = {m.name: m for m in (DD1, DD2)}
 
 
 def get_method(name: str) -> Method:

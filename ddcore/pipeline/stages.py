@@ -16,7 +16,7 @@ from ddcore.checkpoints import atomic_write_json
 from ddcore.hashing import sha256_file
 from ddcore.params import Preset
 from ddcore.pipeline.layout import Layout
-from ddcore.pipeline.markers import StageError, StageRun, jsonable
+from ddcore.pipeline.markers import MARKER, StageError, StageRun, jsonable, read_marker
 from ddcore.results import BenchResult, EvalResult, write_fid_curve
 from ddcore.retry import with_retries
 from ddcore.teachers.loading import TEACHER_INFO, default_device, load_teacher
@@ -40,6 +40,8 @@ def prepare_stage(run: StageRun) -> dict:
         log.info("prepare[%s]: complete, skipping", run.preset_name)
         return m.result
     preset, out = run.preset, run.layout.teacher_dir
+    if preset.teacher.copy_of is not None:
+        return _copy_prepared(run, preset.teacher.copy_of)
     # stale marker (other params): drop it; the tiny world reuses whatever parts its own hashes allow
     run.drop_marker()
     out.mkdir(parents=True, exist_ok=True)
@@ -50,6 +52,25 @@ def prepare_stage(run: StageRun) -> dict:
         result = _prepare_published(preset, out)
     atomic_write_json(out / TEACHER_INFO, result)
     return run.finish(result)
+
+
+def _copy_prepared(run: StageRun, source: str) -> dict:
+    """`teacher.copy_of`: the teacher another preset prepared with the same teacher params (the
+    same prepare fingerprint), copied whole, so two methods are compared on one teacher build."""
+    src, out = run.layout.model_root / source / "teacher", run.layout.teacher_dir
+    m = read_marker(src / MARKER)
+    if m is None or m.fingerprint != run.fingerprint:
+        why = "is not prepared" if m is None else "was prepared with other teacher params"
+        raise StageError(
+            f"teacher.copy_of {source!r}: the teacher at {src} {why}; "
+            f"run `ddcore prepare --preset {source}` first, or give this preset the same teacher section"
+        )
+    tmp = out.with_name(out.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MARKER))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return run.finish({**m.result, "copied_from": source})
 
 
 def _prepare_tiny(preset_name: str, preset: Preset, out: Path, progress: bool) -> dict:

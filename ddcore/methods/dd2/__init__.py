@@ -1,3 +1,3 @@
-"""DD2: the teacher read as a conditional score model, the AR-diffusion model (Stage 1, GTS) and,
-next, conditional score distillation. Not yet registered as a method: its pieces are built and
-tested one by one (docs/dd2.md)."""
+"""DD2: the teacher read as a conditional score model. Part 1 (registered as method `dd2`): teacher
+samples, the continuous-input teacher, the AR-diffusion model trained with GTS (and DSM) and its
+sampler; part 2 (the one-step generator, guidance network, CSD) builds on it (docs/dd2.md)."""
