@@ -14,6 +14,7 @@ Run locally without a server (an ephemeral API starts in a subprocess):
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 from typing import Any
 
@@ -26,7 +27,7 @@ from ddcore.params import Preset
 from ddcore.pipeline.layout import Layout, layout_for
 from ddcore.pipeline.plan import stage_names
 from ddcore.pipeline.presets import resolve_preset
-from ddcore.pipeline.runner import run_stage, stage_shards
+from ddcore.pipeline.runner import run_stage, stage_function, stage_shards
 from ddcore.results import BenchResult, EvalResult
 from ddcore.retry import PERMANENT_ERRORS, TRANSIENT_ERRORS
 
@@ -57,9 +58,10 @@ def _task(**kw):
 
 @_task(name="stage")
 def stage(preset_name: str, preset: Preset, stage: str, options: dict | None = None) -> dict:
-    """One stage through the runner the CLI and DVC use (prepare may download: more retries)."""
+    """One stage through the runner the CLI and DVC use (prepare may download: more retries);
+    a training stage (one that takes `log_fn`) logs its rows to the flow run."""
     kw = dict(options or {})
-    if stage == "distill":
+    if "log_fn" in inspect.signature(stage_function(preset, stage)).parameters:
         logger = get_run_logger()
 
         def log_fn(row: dict) -> None:

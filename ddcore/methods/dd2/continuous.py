@@ -12,7 +12,8 @@ MLP on the code vector (`VectorEmbedding`), in two steps:
    next-token CE over the teacher's draws, of lower variance) on the conditional and on the
    null-class branch, so classifier-free guidance keeps its meaning. Hard targets from guided
    samples would teach the conditional branch the *guided* distribution and guidance would then
-   apply twice (docs/dd2.md).
+   apply twice (docs/dd2.md). The fine-tuned model is kept only if its held-out NLL is below the
+   fitted one's (an exact fit is the teacher already).
 
 As a `Teacher` the result samples, teacher-forces and decodes like the original: its token
 embedding is `CodeVectorEmbedding` (index -> code vector -> MLP), and `vector_forced_logits` reads
@@ -231,17 +232,26 @@ def train_continuous(
             cp.fit_steps,
             cp.fit_lr,
         )
+        fitted = copy.deepcopy(gpt).eval()
+        nll_fit = held_out_nll(continuous_teacher(teacher, fitted), val_tok, val_lab, sampling)
         tp, micro = cp.train, cp.train.batch_size // (procs.world * cp.train.grad_accum)
         task = ContinuousTask(teacher, data, cp, dev)
         res = run_training(task, gpt, tp, out, run_fp, procs, micro, resume, log_fn, progress, stop_at)
         if res.stopped:
             return {"stopped_at": res.step}
-        cont = continuous_teacher(teacher, res.ema)
-        nll = held_out_nll(cont, val_tok, val_lab, sampling)
+        nll_tuned = held_out_nll(continuous_teacher(teacher, res.ema), val_tok, val_lab, sampling)
+        # model selection on the held-out samples: an (almost) exact fit is the teacher already, and
+        # Adam's first steps move every weight by ~lr whatever the gradient, so tuning can only hurt it
+        kept = "fine-tuned" if nll_tuned <= nll_fit else "fit"
+        best = res.ema if kept == "fine-tuned" else fitted
+        nll = min(nll_tuned, nll_fit)
         summary = {
             "native": False,
             **fit,
             "nll_teacher": nll_teacher,
+            "nll_fit": nll_fit,
+            "nll_fine_tuned": nll_tuned,
+            "kept": kept,
             "nll": nll,
             "nll_ratio": nll / nll_teacher,
             "steps": res.step,
@@ -250,7 +260,7 @@ def train_continuous(
         }
         if procs.rank == 0:
             config = {"mlp_width": cp.mlp_width, "token_dim": teacher.token_dim, "teacher_fingerprint": tfp}
-            save_model(out / CONTINUOUS, res.ema, {**config, "run_fingerprint": run_fp, "summary": summary})
+            save_model(out / CONTINUOUS, best, {**config, "run_fingerprint": run_fp, "summary": summary})
             (out / CKPT).unlink(missing_ok=True)
         barrier()
     return summary

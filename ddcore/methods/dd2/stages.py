@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ddcore.checkpoints import atomic_write_text
 from ddcore.methods.dd2.continuous import train_continuous
 from ddcore.methods.dd2.init_train import Loss, train_ar_diffusion
 from ddcore.methods.dd2.samplers import CONTINUOUS_DIR, DSM_DIR
@@ -24,6 +25,7 @@ from ddcore.training.loop import last_log_row
 log = logging.getLogger("ddcore.dd2")
 
 SAMPLES = "samples"
+CONTINUOUS_LOG, DSM_LOG = "continuous_train_log.csv", "dsm_train_log.csv"
 
 
 def samples_dir(layout) -> Path:
@@ -62,6 +64,12 @@ def samples_stage(run: StageRun, shard_ids: Sequence[int] | None = None) -> dict
         teacher, p.teacher.sampling, p.dd2.samples, samples_dir(layout), ids, run.progress
     )
     return {"manifest": manifest} if ids is not None else run.finish({"manifest": manifest})
+
+
+def publish_log(run: StageRun, out: Path, name: str) -> None:
+    """A model folder's train_log.csv, copied to metrics/<preset>/<name> (DVC plots, MLflow)."""
+    if (src := out / "train_log.csv").is_file():
+        atomic_write_text(run.layout.metrics_dir / name, src.read_text())
 
 
 def _fresh(run: StageRun, out: Path) -> None:
@@ -115,4 +123,6 @@ def ar_diffusion_stage(run: StageRun, log_fn: Callable[[dict], None] | None = No
 
 def ar_diffusion_dsm_stage(run: StageRun, log_fn: Callable[[dict], None] | None = None) -> dict:
     """The same model and schedule with the plain diffusion loss (the comparison row)."""
-    return _ar_diffusion(run, "dsm", dsm_dir(run.layout), log_fn)
+    result = _ar_diffusion(run, "dsm", dsm_dir(run.layout), log_fn)
+    publish_log(run, dsm_dir(run.layout), DSM_LOG)
+    return result
