@@ -97,6 +97,9 @@ def generate_samples(
         "teacher_fingerprint": teacher_fingerprint(teacher),
     }
     if all(_shard_config(shard_path(out, k)) == config for k in range(num_shards(sp))):
+        for extra in out.glob("shard_*.safetensors"):  # of a larger num_samples: not part of this set
+            if int(extra.stem.split("_")[1]) >= num_shards(sp):
+                extra.unlink()
         atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
