@@ -47,11 +47,15 @@ class AnalyticODEChooser:
     """A `TokenChooser`: each position's token solved from its noise by the ODE of the teacher's own
     distribution at that position (no network: the exact GTS target), then snapped."""
 
-    def __init__(self, codebook: Tensor, steps: int = 10, dtype: torch.dtype = torch.float64, power: float = 1.0):
+    def __init__(
+        self, codebook: Tensor, steps: int = 10, dtype: torch.dtype = torch.float64, power: float = 1.0
+    ):
         self.codebook, self.steps, self.dtype, self.power = codebook, int(steps), dtype, float(power)
 
     def __call__(self, probs: Tensor, noise: Tensor) -> Tensor:
         cb = self.codebook.to(device=noise.device, dtype=self.dtype)
         p = probs.to(self.dtype)
-        x0 = euler_solve(lambda x, t: conditional_velocity(p, x, t, cb), noise.to(self.dtype), self.steps, self.power)
+        x0 = euler_solve(
+            lambda x, t: conditional_velocity(p, x, t, cb), noise.to(self.dtype), self.steps, self.power
+        )
         return nearest_code(x0, cb)
