@@ -266,6 +266,15 @@ def train_continuous(
     return summary
 
 
+def continuous_like(teacher: Teacher, weights: dict[str, Tensor], prefix: str) -> Teacher:
+    """A continuous-input teacher shaped like the one whose GPT weights sit under `prefix` in
+    `weights` (its MLP width read off them), for loading a model built on it; VAR-style: the teacher."""
+    if is_native(teacher):
+        return teacher
+    width = int(weights[f"{prefix}tok_embeddings.embed.net.0.weight"].shape[0])
+    return continuous_teacher(teacher, new_continuous_gpt(teacher, width).eval())
+
+
 def load_continuous(teacher: Teacher, out: Path) -> Teacher:
     """The continuous-input teacher written by `train_continuous` (VAR-style: the teacher itself)."""
     cfg = load_model_config(out / CONTINUOUS)

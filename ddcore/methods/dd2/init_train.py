@@ -21,10 +21,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ddcore.checkpoints import load_model_config, load_safetensors_model, save_model
+from ddcore.checkpoints import load_model_config, load_state_dict_file, load_strict, save_model
 from ddcore.hashing import json_digest, seed_from
 from ddcore.methods.dd1.train import step_batch
 from ddcore.methods.dd2.ardiffusion import ARDiffusion, feature_dim, new_ar_diffusion
+from ddcore.methods.dd2.continuous import continuous_like
 from ddcore.methods.dd2.head import HeadConfig
 from ddcore.methods.dd2.losses import dsm_loss, gts_loss, sample_times
 from ddcore.methods.dd2.samples import SampleSet
@@ -216,8 +217,11 @@ def train_ar_diffusion(
     return summary
 
 
-def load_ar_diffusion(continuous: Teacher, out: Path) -> ARDiffusion:
+def load_ar_diffusion(teacher: Teacher, out: Path) -> ARDiffusion:
+    """The model written by `train_ar_diffusion`, from the original teacher alone (the backbone's
+    shape is read off the weights), so a registered model needs no continuous-teacher folder."""
     cfg = load_model_config(out / MODEL)
-    model = new_ar_diffusion(continuous, HeadConfig.from_dict(cfg["head"]))
-    load_safetensors_model(out / MODEL, model, what="AR-diffusion model")
-    return model.to(continuous.device).eval()
+    weights = load_state_dict_file(out / f"{MODEL}.safetensors")
+    model = new_ar_diffusion(continuous_like(teacher, weights, "gpt."), HeadConfig.from_dict(cfg["head"]))
+    load_strict(model, weights, what="AR-diffusion model")
+    return model.to(teacher.device).eval()

@@ -2,7 +2,8 @@
 trained with the plain diffusion loss) and the continuous-input teacher (`teacher-continuous`).
 
 The models live beside the student folder of the preset (models/<preset>/): the GTS model is the
-student (what part 1 registers), the DSM model and the continuous-input teacher are its siblings.
+student (what part 1 registers; it loads from the teacher and its own folder), the DSM model and
+the continuous-input teacher are its siblings.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _continuous(ctx: SamplerContext) -> Teacher:
 
 def _ar_diffusion(m: re.Match, ctx: SamplerContext) -> ARDiffusionSampler:
     where = ctx.student_dir if m.group(1) is None else sibling(ctx, DSM_DIR)
-    model = load_ar_diffusion(_continuous(ctx), where)
+    model = load_ar_diffusion(ctx.teacher, where)
     return ARDiffusionSampler(model, ctx.teacher, ctx.preset.dd2.sampler.ode_steps, name=m.group(0))
 
 

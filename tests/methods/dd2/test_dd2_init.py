@@ -4,6 +4,7 @@ AR-diffusion model (its KV-cached sampler against its teacher-forced features), 
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 import torch
@@ -23,7 +24,15 @@ from ddcore.methods.dd2.continuous import (
 from ddcore.methods.dd2.init_train import head_config, load_ar_diffusion, train_ar_diffusion
 from ddcore.methods.dd2.ode import nearest_code
 from ddcore.methods.dd2.samples import SampleSet, generate_samples, shard_path
-from ddcore.params import ARDiffusionParams, ContinuousParams, SamplesParams, SamplingParams, TrainParams
+from ddcore.params import (
+    ARDiffusionParams,
+    ContinuousParams,
+    SamplesParams,
+    SamplingParams,
+    TrainParams,
+    load_preset,
+)
+from ddcore.samplers.registry import build_samplers
 from ddcore.teachers.var.teacher import VARTeacher
 
 SAMPLING = SamplingParams(cfg_scale=2.0, top_k=20)
@@ -137,7 +146,12 @@ def test_ar_diffusion_training_learns_and_resumes_exactly(teacher, continuous, s
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
     assert [r["loss"] for r in rows] == [r["loss"] for r in _rows(tmp_path / "b" / "train_log.csv")]
-    assert straight["loss"] == loss and load_ar_diffusion(continuous, tmp_path / "a").training is False
+    assert straight["loss"] == loss and load_ar_diffusion(teacher, tmp_path / "a").training is False
+    # the student folder alone (what the registry stores) makes the sampler: no continuous-teacher folder
+    alone = tmp_path / "registered" / "student"
+    shutil.copytree(tmp_path / "a", alone)
+    (sampler,) = build_samplers(["ar-diffusion"], teacher, alone, load_preset("micro-dd2"))
+    assert sampler.tokens(torch.tensor([1, 2]), [5, 6]).shape == (2, teacher.seq_len)
 
 
 def test_head_only_steps_leave_the_backbone_untouched(teacher, continuous, samples, tmp_path):
@@ -147,7 +161,7 @@ def test_head_only_steps_leave_the_backbone_untouched(teacher, continuous, sampl
     train_ar_diffusion(
         teacher, continuous, samples, ap, SAMPLING, "gts", tmp_path, device="cpu", progress=False
     )
-    trained = load_ar_diffusion(continuous, tmp_path)
+    trained = load_ar_diffusion(teacher, tmp_path)
     start = new_ar_diffusion(continuous, head_config(teacher, ap))
     for (name, p), q in zip(trained.named_parameters(), start.parameters(), strict=True):
         same = torch.equal(p, q)
