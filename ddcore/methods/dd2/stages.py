@@ -80,22 +80,18 @@ def _fresh(run: StageRun, out: Path) -> None:
 
 def continuous_stage(run: StageRun, log_fn: Callable[[dict], None] | None = None) -> dict:
     """Fit and fine-tune the continuous-input teacher (resumes); VAR: the native report only."""
-    if (done := _skip(run)) is not None:
-        return done
     p, layout = run.preset, run.layout
     out = continuous_dir(layout)
-    _fresh(run, out)
-    teacher, _ = load_teacher(p, layout.teacher_dir)
-    summary = train_continuous(
-        teacher,
-        samples_dir(layout),
-        p.dd2.continuous,
-        p.teacher.sampling,
-        out,
-        log_fn=log_fn,
-        progress=run.progress,
-    )
-    return run.finish({"summary": jsonable(summary)})
+    if (result := _skip(run)) is None:
+        _fresh(run, out)
+        teacher, _ = load_teacher(p, layout.teacher_dir)
+        cp, sampling = p.dd2.continuous, p.teacher.sampling
+        summary = train_continuous(
+            teacher, samples_dir(layout), cp, sampling, out, log_fn=log_fn, progress=run.progress
+        )
+        result = run.finish({"summary": jsonable(summary)})
+    publish_log(run, out, CONTINUOUS_LOG)
+    return result
 
 
 def _ar_diffusion(run: StageRun, loss: Loss, out: Path, log_fn) -> dict:
