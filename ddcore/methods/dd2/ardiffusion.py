@@ -38,10 +38,6 @@ class ARDiffusion(nn.Module):
     def features(self, q: Tensor, labels: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        head = {id(p) for p in self.head.parameters()}
-        return [p for p in self.parameters() if id(p) not in head]
-
     def forward(self, q: Tensor, labels: Tensor, x_t: Tensor, t: Tensor, head_only: bool = False) -> Tensor:
         z = self.features(q, labels)
         if head_only:

@@ -112,7 +112,7 @@ class ARDiffusionTask:
         q = self.codebook[tok]
         q_rep = q.repeat_interleave(m, dim=0)
         x_t = noised(q_rep, eps, t)
-        v = fwd(q, lab, x_t, t, head_only) if head_only else fwd(q, lab, x_t, t)
+        v = fwd(q, lab, x_t, t, head_only)
         if kind == "dsm":
             return dsm_loss(v, q_rep, eps)
         probs = self.teacher.teacher_forced_probs(tok, lab, self.sampling).repeat_interleave(m, dim=0)
