@@ -26,17 +26,39 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ddcore.checkpoints import atomic_path, atomic_write_text
+from ddcore.hashing import seed_from
 from ddcore.params import TrainParams
 from ddcore.training.optim import build_optimizer
 
 CKPT = "checkpoint.pt"
+
+
+class RunKwargs(TypedDict, total=False):
+    """The keyword options of every method's training entry point: how a call runs, not what it trains."""
+
+    resume: bool  # continue from a finished result or a checkpoint of this same run (default True)
+    log_fn: Callable[[dict], None] | None  # gets every logged row
+    device: str | None  # None: DD_DEVICE or the environment's default
+    progress: bool  # progress bar on rank 0 (default True)
+    stop_at: int | None  # end after this optimizer step without saving, as if killed
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """`RunKwargs` with their defaults filled in."""
+
+    resume: bool = True
+    log_fn: Callable[[dict], None] | None = None
+    device: str | None = None
+    progress: bool = True
+    stop_at: int | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +132,22 @@ def processes(device: str | None):
     finally:
         if procs.own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def step_indices(step: int, batch_size: int, n_train: int, seed: int) -> Tensor:
+    """The training-example indices of optimizer step `step`: consecutive slices of per-epoch
+    seeded permutations, so a resumed run and every DDP split see the same examples."""
+    start = step * batch_size
+    out, pos = [], start
+    while pos < start + batch_size:
+        epoch, off = divmod(pos, n_train)
+        perm = torch.randperm(
+            n_train, generator=torch.Generator().manual_seed(seed_from("perm", seed, epoch))
+        )
+        take = min(n_train - off, start + batch_size - pos)
+        out.append(perm[off : off + take])
+        pos += take
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,14 +233,12 @@ def run_training(
     run_fp: str,
     procs: Processes,
     micro: int,
-    resume: bool = True,
-    log_fn: Callable[[dict], None] | None = None,
-    progress: bool = True,
-    stop_at: int | None = None,
+    opts: RunOptions,
 ) -> TrainResult:
     """Train `model` (already on the device, fp32) for `tp.steps` optimizer steps, resuming from
     `out`/checkpoint.pt when it belongs to the run `run_fp`; rows go to `out`/train_log.csv."""
     rank, world, dev = procs.rank, procs.world, procs.device
+    resume, log_fn, progress, stop_at = opts.resume, opts.log_fn, opts.progress, opts.stop_at
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)

@@ -27,9 +27,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Unpack
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,15 @@ from ddcore.methods.dd1.students import STUDENT, new_student
 from ddcore.methods.dd1.trajectories import TrajectoryDataset
 from ddcore.params import DD1TrainParams, StudentParams
 from ddcore.teachers.base import Teacher, teacher_fingerprint
-from ddcore.training.loop import CKPT, barrier, processes, run_training
+from ddcore.training.loop import (
+    CKPT,
+    RunKwargs,
+    RunOptions,
+    barrier,
+    processes,
+    run_training,
+    step_indices,
+)
 
 __all__ = [
     "LOG_COLUMNS",
@@ -78,20 +86,11 @@ class StepBatch:
 
 
 def step_batch(step: int, batch_size: int, n_train: int, t_list: list[int], seed: int) -> StepBatch:
-    """The global batch of optimizer step `step`: consecutive slices of per-epoch permutations."""
-    start = step * batch_size
-    out, pos = [], start
-    while pos < start + batch_size:
-        epoch, off = divmod(pos, n_train)
-        perm = torch.randperm(
-            n_train, generator=torch.Generator().manual_seed(seed_from("perm", seed, epoch))
-        )
-        take = min(n_train - off, start + batch_size - pos)
-        out.append(perm[off : off + take])
-        pos += take
+    """The global batch of optimizer step `step`: the shared epoch-permutation indices, and a t
+    drawn from `t_list` per example from its own per-step generator."""
     g = torch.Generator().manual_seed(seed_from("t", seed, step))
     t = torch.tensor(t_list)[torch.randint(0, len(t_list), (batch_size,), generator=g)]
-    return StepBatch(torch.cat(out), t)
+    return StepBatch(step_indices(step, batch_size, n_train, seed), t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,11 +244,7 @@ def train_student(
     student_params: StudentParams,
     train_params: DD1TrainParams,
     out_dir: str | os.PathLike,
-    resume: bool = True,
-    log_fn: Callable[[dict], None] | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    stop_at: int | None = None,
+    **run: Unpack[RunKwargs],
 ) -> dict:
     """Train (or resume) the DD1 student; write student.safetensors/json (EMA weights),
     baseline.safetensors (per-position token marginals) and train_log.csv into `out_dir`.
@@ -258,22 +253,12 @@ def train_student(
     right after that optimizer step without saving anything, as if the process were killed.
     Returns a summary dict.
     """
-    with processes(device) as procs:
-        return _train(
-            teacher,
-            traj_dir,
-            student_params,
-            train_params,
-            Path(out_dir),
-            resume,
-            log_fn,
-            progress,
-            stop_at,
-            procs,
-        )
+    opts = RunOptions(**run)
+    with processes(opts.device) as procs:
+        return _train(teacher, traj_dir, student_params, train_params, Path(out_dir), opts, procs)
 
 
-def _train(teacher, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at, procs) -> dict:
+def _train(teacher, traj_dir, sp, tp, out, opts: RunOptions, procs) -> dict:
     t_start = time.perf_counter()
     rank, world, dev = procs.rank, procs.world, procs.device
     if not isinstance(teacher, Teacher):
@@ -306,7 +291,7 @@ def _train(teacher, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at, pr
 
     # finished already?
     meta_path = out / f"{STUDENT}.json"
-    if resume and meta_path.is_file() and (out / f"{STUDENT}.safetensors").is_file():
+    if opts.resume and meta_path.is_file() and (out / f"{STUDENT}.safetensors").is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("run_fingerprint") == run_fp:
             return meta.get("summary", {})
@@ -315,7 +300,7 @@ def _train(teacher, traj_dir, sp, tp, out, resume, log_fn, progress, stop_at, pr
     model = initial_student(teacher, sp.extra_layers, tp.seed).to(device=dev, dtype=torch.float32)
     lpips_loss = LPIPSLoss(teacher).to(dev) if tp.lpips_weight > 0 else None
     task = DD1Task(ds, sp, tp, codebook, n_train, dev, lpips_loss)
-    res = run_training(task, model, tp, out, run_fp, procs, micro, resume, log_fn, progress, stop_at)
+    res = run_training(task, model, tp, out, run_fp, procs, micro, opts)
     if res.stopped:
         return {"stopped_at": res.step}
 

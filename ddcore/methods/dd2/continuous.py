@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Unpack
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,18 @@ from torch import Tensor, nn
 
 from ddcore.checkpoints import load_model_config, load_safetensors_model, save_model
 from ddcore.hashing import json_digest, seed_from
-from ddcore.methods.dd1.train import step_batch
 from ddcore.methods.dd2.samples import SampleSet
 from ddcore.params import ContinuousParams, SamplingParams
 from ddcore.teachers.base import Teacher, teacher_fingerprint
-from ddcore.training.loop import CKPT, barrier, processes, run_training
+from ddcore.training.loop import (
+    CKPT,
+    RunKwargs,
+    RunOptions,
+    barrier,
+    processes,
+    run_training,
+    step_indices,
+)
 
 CONTINUOUS = "continuous"
 LOG_COLUMNS = ("step", "loss", "val_kl", "lr", "elapsed_s")
@@ -162,7 +170,7 @@ class ContinuousTask:
         self.val = [t[:256] for t in data.val()]
 
     def global_batch(self, step: int) -> Tensor:
-        return step_batch(step, self.cp.train.batch_size, self.data.n_train, [0], self.cp.train.seed).idx
+        return step_indices(step, self.cp.train.batch_size, self.data.n_train, self.cp.train.seed)
 
     def micro_batch(self, model: nn.Module, batch: Tensor, sl: slice):
         tok, lab = self.data.train_batch(batch[sl])
@@ -193,15 +201,11 @@ def train_continuous(
     cp: ContinuousParams,
     sampling: SamplingParams,
     out: Path,
-    resume: bool = True,
-    log_fn: Callable[[dict], None] | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    stop_at: int | None = None,
+    **run: Unpack[RunKwargs],
 ) -> dict:
     """Fit and fine-tune the continuous-input teacher into `out` (continuous.safetensors/json,
     train_log.csv); VAR-style teachers get only the report. Returns its summary."""
-    t0 = time.perf_counter()
+    t0, opts = time.perf_counter(), RunOptions(**run)
     data = SampleSet(samples_dir)
     tfp = teacher_fingerprint(teacher)
     if data.manifest["teacher_fingerprint"] != tfp:
@@ -211,7 +215,7 @@ def train_continuous(
     run_fp = _run_fingerprint(cp, data.config, tfp)
     out.mkdir(parents=True, exist_ok=True)
     meta = out / f"{CONTINUOUS}.json"
-    if resume and meta.is_file() and json.loads(meta.read_text()).get("run_fingerprint") == run_fp:
+    if opts.resume and meta.is_file() and json.loads(meta.read_text()).get("run_fingerprint") == run_fp:
         return json.loads(meta.read_text())["summary"]
     val_tok, val_lab = data.val()
     nll_teacher = held_out_nll(teacher, val_tok, val_lab, sampling)
@@ -219,7 +223,7 @@ def train_continuous(
         summary = {"native": True, "nll_teacher": nll_teacher, "nll": nll_teacher, "nll_ratio": 1.0}
         save_model(out / CONTINUOUS, {}, {"native": True, "run_fingerprint": run_fp, "summary": summary})
         return summary
-    with processes(device) as procs:
+    with processes(opts.device) as procs:
         dev = procs.device
         teacher = teacher.to(dev)
         with torch.random.fork_rng(devices=[]):
@@ -236,7 +240,7 @@ def train_continuous(
         nll_fit = held_out_nll(continuous_teacher(teacher, fitted), val_tok, val_lab, sampling)
         tp, micro = cp.train, cp.train.batch_size // (procs.world * cp.train.grad_accum)
         task = ContinuousTask(teacher, data, cp, dev)
-        res = run_training(task, gpt, tp, out, run_fp, procs, micro, resume, log_fn, progress, stop_at)
+        res = run_training(task, gpt, tp, out, run_fp, procs, micro, opts)
         if res.stopped:
             return {"stopped_at": res.step}
         nll_tuned = held_out_nll(continuous_teacher(teacher, res.ema), val_tok, val_lab, sampling)

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Unpack
 
 import torch
 from torch import Tensor, nn
 
 from ddcore.checkpoints import load_model_config, load_state_dict_file, load_strict, save_model
 from ddcore.hashing import json_digest, seed_from
-from ddcore.methods.dd1.train import step_batch
 from ddcore.methods.dd2.ardiffusion import ARDiffusion, feature_dim, new_ar_diffusion
 from ddcore.methods.dd2.continuous import continuous_like
 from ddcore.methods.dd2.head import HeadConfig
@@ -32,7 +30,15 @@ from ddcore.methods.dd2.samples import SampleSet
 from ddcore.methods.dd2.score import noised
 from ddcore.params import ARDiffusionParams, SamplingParams
 from ddcore.teachers.base import Teacher, teacher_fingerprint
-from ddcore.training.loop import CKPT, barrier, processes, run_training
+from ddcore.training.loop import (
+    CKPT,
+    RunKwargs,
+    RunOptions,
+    barrier,
+    processes,
+    run_training,
+    step_indices,
+)
 
 MODEL = "ar_diffusion"
 LOG_COLUMNS = ("step", "loss", "val_gts", "lr", "elapsed_s")
@@ -87,7 +93,7 @@ class ARDiffusionTask:
 
     def global_batch(self, step: int) -> NoisyBatch:
         tp, m = self.ap.train, self.ap.noise_draws
-        idx = step_batch(step, tp.batch_size, self.data.n_train, [0], tp.seed).idx
+        idx = step_indices(step, tp.batch_size, self.data.n_train, tp.seed)
         eps, t = step_noise(
             step, len(idx) * m, self.data.tokens.shape[1], self.codebook.shape[1], tp.seed, self.ap.t_min
         )
@@ -157,16 +163,12 @@ def train_ar_diffusion(
     sampling: SamplingParams,
     loss: Loss,
     out: Path,
-    resume: bool = True,
-    log_fn: Callable[[dict], None] | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    stop_at: int | None = None,
+    **run: Unpack[RunKwargs],
 ) -> dict:
     """Train (or resume) the AR-diffusion model initialised from `continuous` (the continuous-input
     teacher) toward `teacher`'s distribution; write ar_diffusion.safetensors/json (EMA weights) and
     train_log.csv into `out`. Returns its summary."""
-    t0 = time.perf_counter()
+    t0, opts = time.perf_counter(), RunOptions(**run)
     data = SampleSet(samples_dir)
     if data.manifest["teacher_fingerprint"] != teacher_fingerprint(teacher):
         raise ValueError(
@@ -175,9 +177,9 @@ def train_ar_diffusion(
     run_fp = _run_fingerprint(ap, loss, sampling, data.config, teacher_fingerprint(continuous))
     out.mkdir(parents=True, exist_ok=True)
     meta = out / f"{MODEL}.json"
-    if resume and meta.is_file() and json.loads(meta.read_text()).get("run_fingerprint") == run_fp:
+    if opts.resume and meta.is_file() and json.loads(meta.read_text()).get("run_fingerprint") == run_fp:
         return json.loads(meta.read_text())["summary"]
-    with processes(device) as procs:
+    with processes(opts.device) as procs:
         if procs.world > 1 and ap.head_only_steps:
             raise ValueError(
                 "ar_diffusion.head_only_steps > 0 trains on one process only (set DD_NPROC_PER_NODE=1)"
@@ -192,7 +194,7 @@ def train_ar_diffusion(
             torch.manual_seed(seed_from("dd2-head", tp.seed))
             model = new_ar_diffusion(continuous, cfg).to(dev)
         task = ARDiffusionTask(teacher, data, ap, sampling, loss, dev)
-        res = run_training(task, model, tp, out, run_fp, procs, micro, resume, log_fn, progress, stop_at)
+        res = run_training(task, model, tp, out, run_fp, procs, micro, opts)
         if res.stopped:
             return {"stopped_at": res.step}
         summary = {
