@@ -44,6 +44,9 @@ class Method:
     bench_reads: tuple[str, ...] = ()  # preset keys `bench_extra` reads
     # students for the benchmark's random-weight cases: teacher -> samplers
     random_students: Callable[[Any], Sequence[ImageSampler]] | None = None
+    # model folders beside the student (models/<preset>/<name>) that its samplers read: they are
+    # registered with the model, as siblings of its student folder
+    served: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def headline(self, samplers: Sequence[str], explicit: str | None = None) -> str:

@@ -22,6 +22,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+from ddcore.methods.registry import get_method
 from ddcore.params import Preset
 
 
@@ -29,7 +30,8 @@ class DDImageModel(mlflow.pyfunc.PythonModel):
     """Class labels + seeds -> uint8 images (N, H, W, 3) from the distilled student.
 
     Artifacts: ``teacher`` (prepared teacher dir), ``student`` (student checkpoint dir), ``preset``
-    (resolved preset JSON). `params={"sampler": ...}` picks another sampler of the preset (e.g. the
+    (resolved preset JSON), and the method's `served` folders (DD2: the continuous-input teacher and
+    the DSM model), which MLflow places beside ``student`` as the samplers expect. `params={"sampler": ...}` picks another sampler of the preset (e.g. the
     2-step one or the teacher itself, for comparison).
     """
 
@@ -103,18 +105,22 @@ def model_artifacts(preset_name: str, preset: Preset, layout, sampler: str) -> I
             shutil.copytree(
                 layout.teacher_dir, teacher, ignore=shutil.ignore_patterns("_stage.json", "*.tmp")
             )
-        student = t / "student"
-        student.mkdir()
-        for f in sorted(layout.student_dir.iterdir()):  # weights + configs; no training state, no logs
-            if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "_stage.json":
-                _link_or_copy(f, student / f.name)
+        folders = {"student": layout.student_dir}
+        for name in get_method(preset.method).served:  # what the method's other samplers read
+            if (layout.student_dir.parent / name).is_dir():
+                folders[name] = layout.student_dir.parent / name
+        for name, src in folders.items():
+            (t / name).mkdir()
+            for f in sorted(src.iterdir()):  # weights + configs; no training state, no logs
+                if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "_stage.json":
+                    _link_or_copy(f, t / name / f.name)
         meta = t / "preset.json"
         meta.write_text(
             json.dumps(
                 {"preset_name": preset_name, "sampler": sampler, "preset": preset.model_dump(mode="json")}
             )
         )
-        yield {"teacher": str(teacher), "student": str(student), "preset": str(meta)}
+        yield {"teacher": str(teacher), "preset": str(meta)} | {name: str(t / name) for name in folders}
 
 
 def model_code(folder: Path) -> str:

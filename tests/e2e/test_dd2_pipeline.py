@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from micro_project import MicroProject, micro_project, run
@@ -47,6 +49,21 @@ def test_dvc_runs_dd2_on_the_dd1_teacher_build(project):
         assert (project.root / "metrics" / DD2 / name).read_text().startswith("step,loss")
     again = run([str(BIN / "dvc"), "repro", f"dd2-evaluate@{DD2}"], project.env, project.root, timeout=300)
     assert "Running stage" not in again.stdout + again.stderr
+
+
+def test_the_registered_dd2_model_serves_every_evaluated_sampler(project):
+    """The registered model carries the folders beside the student that DD2's other samplers read
+    (the continuous-input teacher, the DSM model), so each row of eval.json can be served from it."""
+    run([str(BIN / "dvc"), "repro", f"dd2-register@{DD2}"], project.env, project.root, timeout=600)
+    from ddcore.params import load_preset
+    from ddcore.registry.store import load_model
+
+    model = load_model("dd-micro", "champion", f"sqlite:///{project.root / 'mlflow.db'}")
+    assert model.unwrap_python_model().preset.method == "dd2"
+    request = pd.DataFrame({"label": [1, 2], "seed": [5, 6]})
+    for sampler in load_preset(DD2, project.root / "params.yaml").eval.samplers:
+        images = model.predict(request, params={"sampler": sampler})
+        assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8, sampler
 
 
 def test_a_killed_training_stage_resumes_to_the_same_model(project, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ddcore.methods.base import Method, StageSpec
-from ddcore.methods.dd2.samplers import SAMPLERS
+from ddcore.methods.dd2.samplers import CONTINUOUS_DIR, DSM_DIR, SAMPLERS
 from ddcore.methods.dd2.stages import (
     ar_diffusion_dsm_stage,
     ar_diffusion_stage,
@@ -57,4 +57,5 @@ DD2 = Method(
     ),
     samplers=SAMPLERS,
     headline_prefix="ar-diffusion",
+    served=(CONTINUOUS_DIR, DSM_DIR),
 )
