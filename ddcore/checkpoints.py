@@ -98,11 +98,15 @@ def _json_default(o: Any):
 # --------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------
-def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+def _corrupt(path: Path, err: BaseException | str) -> CheckpointError:
     size = path.stat().st_size if path.exists() else 0
+    why = (
+        err
+        if isinstance(err, str)
+        else f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    )
     return CheckpointError(
-        f"{path}: corrupt or truncated checkpoint ({size} bytes; {type(err).__name__}: {err}). "
-        "Delete it and download it again."
+        f"{path}: corrupt or truncated checkpoint ({size} bytes; {why}). Delete it and download it again."
     )
 
 
@@ -121,6 +125,13 @@ def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.devi
     return _torch_load(path, map_location)
 
 
+def _torch_file_header(path: Path) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive, or (legacy) a pickle (protocol >= 2)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def _torch_load(path: Path, map_location) -> dict:
     def load(**kw):
         try:
@@ -135,6 +146,8 @@ def _torch_load(path: Path, map_location) -> dict:
         try:
             return load()
         except pickle.UnpicklingError as first:
+            if not _torch_file_header(path):
+                raise _corrupt(path, "neither a zip archive nor a pickle") from first
             if "argparse.Namespace" not in str(first) and "Namespace" not in str(first):
                 raise CheckpointError(
                     f"{path}: refused by torch.load(weights_only=True) (it pickles something other than "

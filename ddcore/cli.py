@@ -63,6 +63,12 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
         help="params file to read presets from (default: params.yaml of the project / --root)",
     )
     g.add_argument("--quiet", action="store_true", default=d if suppress else False, help="no progress bars")
+    g.add_argument(
+        "--debug",
+        action="store_true",
+        default=d if suppress else False,
+        help="show the traceback of an error",
+    )
     return p
 
 
@@ -140,13 +146,15 @@ def resolve_preset(name: str, overrides: Sequence[str], params_file: Path) -> Pr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; an error ends it with one line on stderr naming what is wrong and a non-zero
+    status (2: bad params or preset, 3: not available here, 1: anything else, 130: interrupted);
+    `--debug` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     from ddcore.pipeline.layout import Layout
-    from ddcore.pipeline.markers import StageError
     from ddcore.pipeline.presets import resolve_preset
 
     layout = Layout.create(args.preset, root=args.root)
@@ -154,24 +162,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = dataclasses.replace(layout, params_file=args.params.resolve())
     try:
         preset = resolve_preset(args.preset, args.overrides, layout.params_file)
-    except ParamsError as e:
-        print(f"ddcore: {e}", file=sys.stderr)
-        return 2
     except FileNotFoundError as e:
         print(f"ddcore: params file not found: {e.filename}", file=sys.stderr)
         return 2
-    progress = not args.quiet
+    except (ParamsError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"ddcore: {one_line(e)}", file=sys.stderr)
+        return 2
     try:
-        result = _dispatch(args, preset, layout, progress)
-    except NotImplementedError as e:
-        print(f"ddcore {args.command}: not available: {e}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, StageError) as e:
-        print(f"ddcore {args.command}: {e}", file=sys.stderr)
-        return 1
+        result = _dispatch(args, preset, layout, not args.quiet)
+    except KeyboardInterrupt:
+        print(
+            f"ddcore {args.command}: interrupted; finished parts are kept and a re-run resumes",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as e:  # noqa: BLE001 - the user gets the sentence, --debug the traceback
+        if args.debug:
+            raise
+        status = 3 if isinstance(e, NotImplementedError) else 1
+        what = "not available: " if status == 3 else ""
+        print(f"ddcore {args.command}: {what}{one_line(e)}{_hint(e)}", file=sys.stderr)
+        return status
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (its lines joined), or its class name when it has none."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return text or type(e).__name__
+
+
+def _hint(e: BaseException) -> str:
+    """What to do, where the error class says it (the messages of ddcore's own errors say it already)."""
+    from ddcore.checkpoints import CheckpointError
+    from ddcore.pipeline.markers import StageError
+
+    if isinstance(e, CheckpointError | StageError | ValueError | FileNotFoundError):
+        return ""
+    return f" ({type(e).__name__}; --debug shows the traceback)"
 
 
 def _dispatch(args: argparse.Namespace, preset: Preset, layout, progress: bool):
@@ -229,9 +261,14 @@ def _sample(args: argparse.Namespace, preset: Preset, layout) -> dict:
     import torch
 
     from ddcore.checkpoints import atomic_path
+    from ddcore.pipeline.markers import StageError
     from ddcore.samplers.registry import build_samplers
-    from ddcore.teachers.loading import load_teacher
+    from ddcore.teachers.loading import TEACHER_INFO, load_teacher
 
+    if not (layout.teacher_dir / TEACHER_INFO).is_file():
+        raise StageError(
+            f"no prepared teacher in {layout.teacher_dir}: run `ddcore prepare --preset {args.preset}` first"
+        )
     teacher, _ = load_teacher(preset, layout.teacher_dir)
     (sampler,) = build_samplers([args.sampler], teacher, layout.student_dir, preset)
     labels = args.labels or [i % teacher.num_classes for i in range(args.num)]

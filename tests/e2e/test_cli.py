@@ -17,7 +17,7 @@ import torch
 import yaml
 from micro_project import PRESET, MicroProject, micro_project
 from PIL import Image
-from servers import BIN, ROOT
+from servers import BIN, ROOT, base_env
 
 from ddcore import cli
 from ddcore.params import load_preset
@@ -106,6 +106,65 @@ def test_bad_cli_arguments_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["trajectories", "--shards", "a,b"])
     assert e.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+
+
+def _console(root, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """The installed `ddcore` command as a user runs it (its own process, no network)."""
+    full = {**base_env(), "HF_HUB_OFFLINE": "1", "DD_CACHE_DIR": str(root / ".cache"), **env}
+    return subprocess.run(
+        [str(BIN / "ddcore"), "--root", str(root), "--quiet", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=full,
+        cwd=root,
+    )
+
+
+def _sentence(p: subprocess.CompletedProcess) -> str:
+    """The error's line: stderr's last line; no traceback anywhere."""
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr
+    return p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, code, expected",
+    [
+        (
+            ("sample", "--preset", PRESET, "--sampler", "nosuch", "--out", "x.png"),
+            1,
+            "run `ddcore prepare --preset micro` first",
+        ),
+        (("prepare", "--preset", "llamagen-b"), 1, "download it where the Hub is reachable"),
+        (("distill", "--preset", PRESET, "--set", "dd1.train.lr=abc"), 2, "presets.micro.dd1.train.lr"),
+        (("distill", "--preset", "nope"), 2, "unknown preset 'nope'"),
+        (("evaluate", "--preset", PRESET), 1, "has not completed"),
+    ],
+)
+def test_bad_input_ends_in_one_sentence_and_a_status(root, args, code, expected):
+    p = _console(root, *args)
+    assert p.returncode == code, p.stderr
+    line = _sentence(p)
+    assert line.startswith("ddcore") and expected in line, line
+
+
+def test_debug_shows_the_traceback(root):
+    p = _console(root, "--debug", "evaluate", "--preset", PRESET)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "has not completed" in p.stderr.splitlines()[-1]
+
+
+def test_a_garbage_checkpoint_is_named_corrupt(root):
+    """Published-teacher files that are random bytes: prepare records them, the first command that
+    loads them says in one sentence which file is corrupt."""
+    for name in ("g1.pt", "g2.pt"):
+        (root / name).write_bytes(np.random.default_rng(0).bytes(4096))
+    sources = ("--set", f"teacher.source={root / 'g1.pt'}", "--set", f"teacher.vq_source={root / 'g2.pt'}")
+    assert _console(root, "prepare", "--preset", "llamagen-b", *sources).returncode == 0
+    p = _console(root, "sample", "--preset", "llamagen-b", *sources, "--out", "x.png")
+    line = _sentence(p)
+    assert (
+        p.returncode == 1 and "g1.pt: corrupt or truncated checkpoint" in line and "neither a zip" in line
+    ), line
 
 
 # --------------------------------------------------------------------------------------------
