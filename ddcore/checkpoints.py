@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import pickle
@@ -53,10 +54,15 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to `path`; on success fsync it and rename it onto `path`."""
+    """Yield a temporary path next to `path`; on success fsync it and rename it onto `path`.
+
+    The temporary name carries the writer's pid (`.<name>.<pid>.<random>.tmp`): a writer that was
+    killed leaves its file behind, and the next write of the same target removes the ones whose
+    process is gone (never a live writer's, so concurrent writers of one target stay safe)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_dead_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -67,6 +73,28 @@ def atomic_path(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_dead_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files of `path` (from `atomic_path`) whose writer process has exited."""
+    gone = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                gone.append(tmp)
+    return gone
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -145,3 +145,25 @@ def test_atomic_writes_replace_whole_files(tmp_path):
         atomic_write_json(p, {"x": Boom()})
     assert p.read_text() == "new"  # a failed write leaves the old file untouched
     assert os.listdir(p.parent) == ["x.json"]
+
+
+def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
+    """atomic_path tags its temporary with the writer's pid: the next write of the same target
+    removes those of exited writers (a SIGKILL leaves them behind) and never a live writer's."""
+    import subprocess
+    import sys
+
+    from ddcore.checkpoints import atomic_write_bytes
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".x.bin.{dead.pid}.a.tmp").write_bytes(b"half a file")
+    (tmp_path / f".x.bin.{os.getpid()}.b.tmp").write_bytes(b"someone writing now")
+    (tmp_path / f".y.bin.{dead.pid}.c.tmp").write_bytes(b"another target's")
+    atomic_write_bytes(tmp_path / "x.bin", b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".x.bin.{os.getpid()}.b.tmp",
+        f".y.bin.{dead.pid}.c.tmp",
+        "x.bin",
+    ]
+    assert (tmp_path / "x.bin").read_bytes() == b"done"
