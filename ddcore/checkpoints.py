@@ -85,16 +85,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_dead_temporaries(path: Path) -> list[Path]:
-    """Remove the temporary files of `path` (from `atomic_path`) whose writer process has exited."""
+def _writer_pid(tmp: Path) -> int | None:
+    """The pid in an `atomic_path` temporary's name `.<target>.<pid>.<random>.tmp`, else None."""
+    parts = tmp.name[: -len(".tmp")].rsplit(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() and tmp.name.startswith(".") else None
+
+
+def _sweep(candidates) -> list[Path]:
     gone = []
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    for tmp in candidates:
+        pid = _writer_pid(tmp)
+        if pid is not None and not _alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
                 gone.append(tmp)
     return gone
+
+
+def sweep_dead_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files of target `path` (from `atomic_path`) whose writer has exited."""
+    return _sweep(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def sweep_folder(folder: Path) -> list[Path]:
+    """The same for every target under `folder` (a stage clears its output folder before it runs)."""
+    return _sweep(Path(folder).rglob(".*.tmp")) if Path(folder).is_dir() else []
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ddcore.checkpoints import sweep_folder
 from ddcore.methods.registry import get_method
 from ddcore.params import Preset
 from ddcore.pipeline.layout import Layout
-from ddcore.pipeline.plan import stage_names, stage_run
+from ddcore.pipeline.plan import output_dir, stage_names, stage_run
 from ddcore.pipeline.stages import bench_stage, evaluate_stage, prepare_stage, register_stage
 
 log = logging.getLogger("ddcore.pipeline")
@@ -48,6 +49,9 @@ def run_stage(
     stage's own options: `shard_ids` (sharded stages), `log_fn` (training), `flow_run_id` /
     `flow_run_url` (register)."""
     fn = stage_function(preset, stage)
+    for folder in (output_dir(layout, preset, stage), layout.metrics_dir):  # a killed run's leftovers
+        if gone := sweep_folder(folder):
+            log.info("%s[%s]: removed %d temporary file(s) of killed writers", stage, preset_name, len(gone))
     return fn(stage_run(layout, preset_name, preset, stage, progress), **kw)
 
 
