@@ -167,3 +167,66 @@ def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
         "x.bin",
     ]
     assert (tmp_path / "x.bin").read_bytes() == b"done"
+
+
+_FULL_DISK_SCRIPT = r"""
+import json, os, resource, signal, sys, torch
+from pathlib import Path
+from ddcore.checkpoints import CheckpointError, save_model
+from ddcore.training.loop import save_checkpoint
+folder, limit = Path(sys.argv[1]), int(sys.argv[2])
+save_checkpoint(folder / "checkpoint.pt", {"w": torch.ones(1000)})  # the last good checkpoint
+save_model(folder / "student", {"w": torch.ones(1000)}, {"kind": "good"})
+if limit:  # no small filesystem here: a file-size limit makes the same write fail in the kernel
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+out = {}
+for name, write in (("checkpoint", lambda: save_checkpoint(folder / "checkpoint.pt", {"w": torch.zeros(400_000)})),
+                    ("model", lambda: save_model(folder / "student", {"w": torch.zeros(400_000)}, {"kind": "new"}))):
+    try:
+        write()
+        out[name] = "written"
+    except CheckpointError as e:
+        out[name] = str(e)
+out["checkpoint_kept"] = float(torch.load(folder / "checkpoint.pt", weights_only=True)["w"].sum())
+out["files"] = sorted(p.name for p in folder.iterdir())
+print(json.dumps(out))
+"""
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path):
+    """A checkpoint and a model written onto a full device (a 512 KiB tmpfs where it can be mounted,
+    else the kernel's file-size limit): each write fails with a sentence, the previous file stays
+    loadable, and no temporary is left."""
+    import json
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        == 0
+    )
+    try:
+        limit = "0" if mounted else str(256 * 1024)
+        p = subprocess.run(
+            [sys.executable, "-c", _FULL_DISK_SCRIPT, str(disk), limit],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)
+    for name, kept in (
+        ("checkpoint", "the previous checkpoint.pt is intact"),
+        ("model", "the previous student.safetensors is intact"),
+    ):
+        assert "no space left on the device" in out[name] and kept in out[name], out[name]
+    assert out["checkpoint_kept"] == 1000.0
+    assert out["files"] == ["checkpoint.pt", "student.json", "student.safetensors"]
