@@ -194,22 +194,23 @@ print(json.dumps(out))
 """
 
 
-def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path):
-    """A checkpoint and a model written onto a full device (a 512 KiB tmpfs where it can be mounted,
-    else the kernel's file-size limit): each write fails with a sentence, the previous file stays
-    loadable, and no temporary is left."""
+@pytest.mark.parametrize("device", ["tmpfs", "file-size-limit"])
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, device):
+    """A checkpoint and a model written onto a full device (a 512 KiB tmpfs, where this machine lets
+    the tests mount one; and the kernel's file-size limit, which fails the same writes with EFBIG
+    everywhere): each write fails with a sentence, the previous file stays loadable, no temporary is left."""
     import json
     import subprocess
     import sys
 
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True
-        ).returncode
-        == 0
-    )
+    mounted = False
+    if device == "tmpfs":
+        cmd = ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)]
+        mounted = subprocess.run(cmd, capture_output=True).returncode == 0
+        if not mounted:
+            pytest.skip("no permission to mount a tmpfs here (the file-size-limit case still runs)")
     try:
         limit = "0" if mounted else str(256 * 1024)
         p = subprocess.run(
