@@ -94,7 +94,8 @@ def _out_of_space(err: BaseException, folder: Path) -> bool:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
             return True
-        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+        said = re.search(r"os error (\d+)", str(seen))  # a Rust library's io::Error (safetensors)
+        if "No space left on device" in str(seen) or (said and int(said.group(1)) in _FULL_ERRNOS):
             return True
         seen = seen.__cause__ or seen.__context__
     with contextlib.suppress(OSError):
