@@ -120,17 +120,21 @@ def run(cmd: list[str], root: Path, timeout: float = 1800) -> float:
     return time.perf_counter() - t0
 
 
-def _clean_json(obj, root: str):
+def _clean_json(obj, root: str, measured: bool = False):
+    """The JSON without timing fields and the project path; `measured` (bench results): every
+    number becomes a placeholder, since a benchmark measures, and only its structure must repeat."""
     if isinstance(obj, dict):
         return {
-            k: _clean_json(v, root)
+            k: _clean_json(v, root, measured)
             for k, v in obj.items()
             if not (any(t in k.lower() for t in TIMING + VOLATILE) or k.endswith("_s"))
         }
     if isinstance(obj, list):
-        return [_clean_json(v, root) for v in obj]
+        return [_clean_json(v, root, measured) for v in obj]
     if isinstance(obj, str):
         return obj.replace(root, "<root>")
+    if measured and isinstance(obj, int | float) and not isinstance(obj, bool):
+        return "<measured>"
     return obj
 
 
@@ -147,7 +151,14 @@ def file_digest(path: Path, root: Path) -> str:
     data = path.read_bytes()
     if path.suffix == ".json":
         with contextlib.suppress(ValueError):  # a half-written JSON file stays as it is, and differs
-            data = json.dumps(_clean_json(json.loads(data), str(root)), sort_keys=True).encode()
+            obj = json.loads(data)
+            marker = path.name == "_stage.json" or path.parent.name == ".stages"
+            if marker and isinstance(obj, dict):
+                obj.pop(
+                    "files", None
+                )  # sha256 of outputs that hold timings; the outputs are compared themselves
+            measured = path.name == "bench.json" or (marker and path.stem == "bench")
+            data = json.dumps(_clean_json(obj, str(root), measured), sort_keys=True).encode()
     elif path.suffix == ".csv":
         data = _clean_csv(data.decode(errors="replace")).encode()
     return hashlib.sha256(data).hexdigest()
