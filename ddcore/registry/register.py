@@ -8,6 +8,8 @@ git commit, DVC data hash, Prefect flow run). Idempotent per student file and ev
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 from dataclasses import asdict
@@ -147,8 +149,34 @@ def register_student(
     flow_run_url: str | None = None,
     tracking_uri: str | None = None,
 ) -> dict:
-    """Log the run, register the student, apply the promotion gate. Idempotent per student file."""
-    client = configure(tracking_uri or layout.tracking_uri)
+    """Log the run, register the student, apply the promotion gate. Idempotent per student file, and
+    safe to run twice at once (a lock per store) or again after a kill (a version registered without
+    its gate decision gets it)."""
+    uri = tracking_uri or layout.tracking_uri
+    with store_lock(uri, layout):
+        return _register(preset_name, preset, layout, flow_run_id, flow_run_url, uri)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str, layout):
+    """An exclusive lock for registering into one store from this machine: next to a SQLite store's
+    file, else in the preset's state folder."""
+    path = (
+        Path(uri.removeprefix("sqlite:///") + ".lock")
+        if uri.startswith("sqlite:///")
+        else layout.state_dir / "register.lock"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _register(preset_name, preset, layout, flow_run_id, flow_run_url, uri) -> dict:
+    client = configure(uri)
     exp_id = ensure_experiment(client)
     name = model_name(preset)
     eval_result = EvalResult.load(layout.eval_json)
@@ -156,18 +184,7 @@ def register_student(
     bench_result = BenchResult.load(layout.bench_json)
     sampler, scores, rows = headline_scores(preset, eval_result, bench_result)
     student_sha = _student_sha(layout.student_dir)
-
     protocol = eval_protocol(preset)
-    existing = _existing_version(client, name, student_sha, protocol)
-    if existing is not None:
-        log.info(
-            "%s v%s already holds this student under this protocol; not registering again",
-            name,
-            existing.version,
-        )
-        # the scores and decision recorded then (a re-run bench may time the same student differently)
-        return {**_version_record(client, name, str(existing.version)), "reused": True}
-
     steps = rows["eval"].get("steps", rows["bench"].get("steps", ""))
     tags = {
         "teacher": preset.teacher.name,
@@ -187,6 +204,20 @@ def register_student(
         tags["prefect_flow_run_id"] = str(flow_run_id)
     if flow_run_url:
         tags["prefect_flow_run_url"] = str(flow_run_url)
+
+    existing = _existing_version(client, name, student_sha, protocol)
+    if existing is not None:
+        version = str(existing.version)
+        if "decision" not in existing.tags:  # registered, then killed before the gate ran
+            log.info("%s v%s holds this student without a gate decision; applying the gate", name, version)
+            _apply_gate(client, name, version, existing.run_id, preset_name, preset, sampler, scores, steps,
+                        protocol, tags, eval_result.row("teacher"))  # fmt: skip
+            return {**_version_record(client, name, version), "reused": True}
+        log.info(
+            "%s v%s already holds this student under this protocol; not registering again", name, version
+        )
+        # the scores and decision recorded then (a re-run bench may time the same student differently)
+        return {**_version_record(client, name, version), "reused": True}
 
     teacher_row = eval_result.row("teacher")
     size = image_size(preset)
@@ -225,6 +256,27 @@ def register_student(
         tags={**tags, "fid": repr(scores.fid), "sec_per_image": repr(scores.sec_per_image)},
     )
     version = str(mv.version)
+    _apply_gate(
+        client,
+        name,
+        version,
+        mv.run_id,
+        preset_name,
+        preset,
+        sampler,
+        scores,
+        steps,
+        protocol,
+        tags,
+        teacher_row,
+    )
+    return {**_version_record(client, name, version), "reused": False}
+
+
+def _apply_gate(
+    client, name, version, run_id, preset_name, preset, sampler, scores, steps, protocol, tags, teacher_row
+) -> None:
+    """The champion/challenger decision for `version`, its aliases, gate tags and description."""
     champion = _champion(client, name)
     decision = gate_decision(scores, protocol, champion, preset.promote)
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -259,7 +311,6 @@ def register_student(
             name,
             description=f"Distilled Decoding students of the {preset.teacher.name} teacher (labels + seeds -> images).",
         )
-    return {**_version_record(client, name, version), "reused": False}
 
 
 def _version_record(client: MlflowClient, name: str, version: str) -> dict:
