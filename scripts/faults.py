@@ -4,7 +4,7 @@ and compare the project with the one an uninterrupted run leaves.
     python scripts/faults.py --kills 10 --out metrics/faults/report.json
 
 A reference project runs every stage once, in order, keeping a copy of the project before each
-stage. Each trial copies that snapshot, starts the stage as its own process group (`ddcore --root`
+stage. Each trial copies that snapshot to the same path (the reference steps aside meanwhile), starts the stage as its own process group (`ddcore --root`
 as a user runs it), kills the group after a delay drawn uniformly from [0, the stage's reference
 time), runs the stage again to completion and compares:
   * every file under data/, models/ and metrics/ (weights and shards by sha256; JSON and CSV with
@@ -193,8 +193,8 @@ def written_since(root: Path, t0: float) -> bool:
 
 
 def kill_trial(snapshot: Path, trial: Path, cmd_of, delay: float, timeout: float) -> tuple[bool, float]:
-    """Copy the snapshot, start the stage, SIGKILL its process group after `delay` s, run it again.
-    Returns (whether the kill landed after the stage wrote something, the rerun's seconds)."""
+    """Copy the snapshot to `trial`, start the stage, SIGKILL its process group after `delay` s, run
+    it again. Returns (whether the kill landed after the stage wrote something, the rerun's seconds)."""
     shutil.rmtree(trial, ignore_errors=True)
     shutil.copytree(snapshot, trial, symlinks=True)
     cmd = cmd_of(trial)
@@ -226,25 +226,26 @@ def inject(
     """Run the whole campaign in `work` (created empty) and return the report."""
     rng = random.Random(seed)
     shutil.rmtree(work, ignore_errors=True)
-    ref_root = work / "reference"
-    ref_root.mkdir(parents=True)
-    shutil.copy(params, ref_root / "params.yaml")
+    project = work / "project"  # every run happens at this path: content naming the project (its
+    project.mkdir(parents=True)  # store URI, in the register marker's fingerprint) then compares
+    shutil.copy(params, project / "params.yaml")
     report: dict[str, StageReport] = {}
     for i, (preset, stage, scale) in enumerate(stages):
         snapshot = work / f"before-{i:02d}"
-        shutil.copytree(ref_root, snapshot, symlinks=True)
-        seconds = run(stage_command(ref_root, preset, stage, scale), ref_root)
-        want_files, want_registry = project_state(ref_root), registry_state(ref_root)
+        shutil.copytree(project, snapshot, symlinks=True)
+        seconds = run(stage_command(project, preset, stage, scale), project)
+        want_files, want_registry = project_state(project), registry_state(project)
+        reference = work / "reference"
+        project.rename(reference)
         rep = report.setdefault(f"{stage}@{preset}", StageReport(reference_s=round(seconds, 2)))
         for k in range(kills):
-            trial = work / "trial"
             delay = rng.uniform(0.0, seconds)
             mid, _ = kill_trial(
-                snapshot, trial, partial(cmd_of, preset=preset, stage=stage, scale=scale), delay, 1800
+                snapshot, project, partial(cmd_of, preset=preset, stage=stage, scale=scale), delay, 1800
             )
-            lost, extra = compare(want_files, project_state(trial))
-            if registry_state(trial) != want_registry:
-                extra.append(f"registry {registry_state(trial)} != {want_registry}")
+            lost, extra = compare(want_files, project_state(project))
+            if (got := registry_state(project)) != want_registry:
+                extra.append(f"registry {got} != {want_registry}")
             rep.kills += 1
             rep.mid_write += int(mid)
             rep.lost += int(bool(lost))
@@ -252,11 +253,12 @@ def inject(
             rep.identical += int(not lost and not extra)
             if lost or extra:
                 rep.problems.append(f"kill {k} at {delay:.2f} s: lost {lost[:3]} extra {extra[:3]}")
-                shutil.copytree(trial, work / f"differs-{stage}@{preset}-{k}", symlinks=True)  # for a look
+                shutil.copytree(project, work / f"differs-{stage}@{preset}-{k}", symlinks=True)  # for a look
             log(
                 f"{stage}@{preset} kill {k + 1}/{kills} at {delay:.2f} s: {'identical' if not lost and not extra else 'DIFFERS'}"
             )
-        shutil.rmtree(work / "trial", ignore_errors=True)
+            shutil.rmtree(project)
+        reference.rename(project)
         shutil.rmtree(snapshot)
     return {
         "stages": {name: asdict(r) for name, r in report.items()},
