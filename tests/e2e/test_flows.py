@@ -21,6 +21,7 @@ from servers import BIN, ROOT, base_env, prefect_env, prefect_server, stop_proce
 pytestmark = pytest.mark.slow
 PRESET = "micro"
 POOL = "cpu-local"
+SECRET = "flow-secret-7d1e90"  # set as credentials in the flow's environment: must never surface
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,9 @@ def dd_env(root: Path, tracking: str) -> dict:
         "DD_CACHE_DIR": str(root / "cache"),
         "DD_MLFLOW_TRACKING_URI": tracking,
         "DD_DEVICE": "cpu",
+        "DD_AWS_ACCESS_KEY_ID": f"AKIA{SECRET}",
+        "DD_AWS_SECRET_ACCESS_KEY": SECRET,
+        "DD_HF_TOKEN": SECRET,
     }
 
 
@@ -159,6 +163,32 @@ def test_deployment_run_completes_and_registers(deployed_run, prefect_api):
     metrics = json.loads((r["work"] / "metrics" / PRESET / "eval.json").read_text())
     assert "teacher" in metrics["samplers"]
     print(f"deployment run of the micro preset: {r['seconds']:.0f} s")
+
+
+def test_credentials_never_reach_logs_artifacts_or_the_registry(deployed_run, prefect_api):
+    """The flow ran with AWS keys and an HF token in its environment: none of them is in the flow
+    run's logs, its artifacts, the worker's output, or the MLflow run and version it registered."""
+    from mlflow import MlflowClient
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    r = deployed_run
+    with prefect_client(prefect_api["url"]) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r["id"]])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[r["id"]]))
+        )
+    assert logs and arts
+    blob = "\n".join(m.message for m in logs) + json.dumps([a.data for a in arts], default=str)
+    blob += r["worker_log"].read_text(errors="replace") + r["cli"].stdout + r["cli"].stderr
+    (v,) = registered_versions(r["tracking"], "dd-micro")
+    run = MlflowClient(tracking_uri=r["tracking"]).get_run(v.run_id)
+    blob += json.dumps([run.data.params, run.data.tags, v.tags, v.description])
+    assert SECRET not in blob
 
 
 def test_local_entry_point_runs_without_a_server(deployed_run, tmp_path):
