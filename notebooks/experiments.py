@@ -94,18 +94,8 @@ def dvc(*args: str) -> str:
 
 
 name = "notebook-variant"
-print(
-    dvc(
-        "exp",
-        "run",
-        "--queue",
-        "--name",
-        name,
-        "--set-param",
-        f"presets.{PRESET}.eval.seed=7",
-        f"evaluate@{PRESET}",
-    )
-)
+variant = f"presets.{PRESET}.dd1.train.steps={2 * preset.dd1.train.steps}"  # twice the training
+print(dvc("exp", "run", "--queue", "--name", name, "--set-param", variant, f"register@{PRESET}"))
 print(dvc("queue", "status"))
 print(dvc("queue", "remove", name))
 assert name not in dvc("queue", "status")

@@ -142,7 +142,7 @@ label, seed = torch.tensor([3]), [2024]
 eps = teacher.noise(seed).half().float()  # the samplers round the noise to fp16, as the trajectory data
 q = FlowTeacherSampler(teacher, preset.teacher.sampling, preset.dd1.flow).tokens(label, seed)
 L = teacher.seq_len
-ts_shown = sorted({0, *preset.dd1.student.t_list, L // 2, L})
+ts_shown = sorted({0, *preset.dd1.student.t_list, L // 4, L // 2, 3 * L // 4, L})
 with torch.no_grad():
     rows = {"X_t decoded": [], "student from X_t": []}
     for t in ts_shown:

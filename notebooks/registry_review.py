@@ -45,12 +45,12 @@ client = configure(tracking_uri)
 
 # %%
 versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda mv: int(mv.version))
-aliases = {v: a for a, v in client.get_registered_model(name).aliases.items()}
+aliases = {str(v): a for a, v in client.get_registered_model(name).aliases.items()}
 table = pd.DataFrame(
     [
         {
             "version": int(mv.version),
-            "alias": aliases.get(mv.version, ""),
+            "alias": aliases.get(str(mv.version), ""),
             "method": mv.tags.get("method"),
             "preset": mv.tags.get("preset"),
             "sampler": mv.tags.get("sampler"),
@@ -170,7 +170,7 @@ print(f"v{newest.version}: recorded {tags['decision']!r} ({tags['decision_reason
 print(f"recomputed: {'champion' if recomputed.promote else 'challenger'!r} ({recomputed.reason})")
 assert ("champion" if recomputed.promote else "challenger") == tags["decision"]
 if recomputed.promote:  # a promoted version holds the alias until a reviewer moves it
-    assert aliases.get(newest.version) == "champion" or newest.version != challenger.version
+    assert aliases.get(str(newest.version)) == "champion" or str(newest.version) != str(challenger.version)
 
 # %% [markdown]
 # ## Promote or roll back (on a scratch copy of the store)

@@ -186,9 +186,10 @@ def run_url(client: MlflowClient, experiment_id: str, run_id: str) -> str:
     return f"{uri}#experiments/{experiment_id}/runs/{run_id}"
 
 
-def load_model(name: str, alias_or_version: str = CHAMPION, tracking_uri: str | None = None):
+def load_model(name: str, alias_or_version: str | int = CHAMPION, tracking_uri: str | None = None):
     """`mlflow.pyfunc.load_model` of `dd-<teacher>` by alias ('champion') or version number."""
     configure(tracking_uri)
+    alias_or_version = str(alias_or_version)
     ref = (
         f"models:/{name}/{alias_or_version}"
         if alias_or_version.isdigit()

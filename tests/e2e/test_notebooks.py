@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from micro_project import PRESET, MicroProject, micro_project, project_env
@@ -27,6 +28,9 @@ def reviewed(tmp_path_factory) -> MicroProject:
     root = tmp_path_factory.mktemp("notebooks") / "repo"
     shutil.copytree(project.root, root, symlinks=True)
     p = MicroProject(root, project.env, 0, "")
+    home = Path(project.env["HOME"])  # the experiments notebook queues a DVC experiment: git needs a user
+    home.mkdir(exist_ok=True)
+    (home / ".gitconfig").write_text("[user]\n\tname = test\n\temail = test@localhost\n")
     p.ddcore("--quiet", "register", "--preset", PRESET)
     steps = max(1, load_preset(PRESET, root / "params.yaml").dd1.train.steps // 2)
     for stage in ("distill", "evaluate", "bench", "register"):
