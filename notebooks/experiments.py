@@ -19,6 +19,7 @@
 # %%
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -89,7 +90,8 @@ assert len(runs) >= 1 and not fid.empty
 
 # %%
 def dvc(*args: str) -> str:
-    done = subprocess.run(["dvc", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    exe = Path(sys.executable).parent / "dvc"  # the environment's own DVC, whatever PATH says
+    done = subprocess.run([str(exe), *args], cwd=ROOT, capture_output=True, text=True, check=True)
     return done.stdout.strip()
 
 

@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 
 from ddcore.params import PromoteParams, load_preset
 from ddcore.pipeline.layout import Layout
-from ddcore.registry.gate import Scores, promotion_decision
+from ddcore.registry.gate import Champion, Scores, gate_decision
 from ddcore.registry.store import configure, load_model, model_name
 
 ROOT = Path(os.environ.get("DD_ROOT", "..")).resolve()
@@ -97,7 +97,8 @@ side
 fig, ax = plt.subplots(figsize=(5, 3.2))
 for role, mv in pair.items():
     ev = eval_table(mv.run_id).sort_values("steps")
-    ax.plot(ev["steps"], ev["fid"], "o-", label=f"{role} v{mv.version} ({mv.tags['method']})")
+    protocol = mv.tags["eval_protocol"].split(" ")[0]  # FIDs compare only under one protocol (n samples)
+    ax.plot(ev["steps"], ev["fid"], "o-", label=f"{role} v{mv.version} ({mv.tags['method']}, {protocol})")
     for sampler, row in ev.iterrows():
         ax.annotate(
             sampler, (row["steps"], row["fid"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
@@ -151,8 +152,9 @@ fig.tight_layout()
 # %% [markdown]
 # ## The gate's decision, recomputed
 # The register stage compared the newest version with the champion of that moment: a challenger becomes
-# champion only with FID <= max_fid_ratio x the champion's and s/img <= max_latency_ratio x the champion's.
-# Recomputing it from the numbers on the version must give the decision recorded there.
+# champion only when both were scored under the same evaluation protocol, with FID <= max_fid_ratio x the
+# champion's and s/img <= max_latency_ratio x the champion's. Recomputing it from the numbers recorded on
+# the version must give the decision and the reason recorded there.
 
 # %%
 newest = versions[-1]
@@ -161,14 +163,20 @@ limits = PromoteParams(
     max_fid_ratio=float(tags["max_fid_ratio"]), max_latency_ratio=float(tags["max_latency_ratio"])
 )
 before = (
-    Scores(float(tags["champion_fid"]), float(tags["champion_sec_per_image"]))
-    if "champion_fid" in tags
+    Champion(
+        tags["compared_to_version"],
+        Scores(float(tags["champion_fid"]), float(tags["champion_sec_per_image"])),
+        None if tags["champion_eval_protocol"] == "not recorded" else tags["champion_eval_protocol"],
+    )
+    if "compared_to_version" in tags
     else None
 )
-recomputed = promotion_decision(Scores(float(tags["fid"]), float(tags["sec_per_image"])), before, limits)
+scores = Scores(float(tags["fid"]), float(tags["sec_per_image"]))
+recomputed = gate_decision(scores, tags["eval_protocol"], before, limits)
 print(f"v{newest.version}: recorded {tags['decision']!r} ({tags['decision_reason']})")
 print(f"recomputed: {'champion' if recomputed.promote else 'challenger'!r} ({recomputed.reason})")
 assert ("champion" if recomputed.promote else "challenger") == tags["decision"]
+assert recomputed.reason == tags["decision_reason"]
 if recomputed.promote:  # a promoted version holds the alias until a reviewer moves it
     assert aliases.get(str(newest.version)) == "champion" or str(newest.version) != str(challenger.version)
 
